@@ -1,0 +1,345 @@
+"""Position embeddings of the ViT paper (appendix D.4, Table 8) and their resampling.
+
+Kinds (`PosEmbedSpec.kind`):
+  none        no position information: the encoder sees a set of patches.
+  learned_1d  one learned vector per sequence position (class token included), the paper's
+              default, resampled on the 2-D grid when the resolution changes.
+  learned_2d  a learned X table and a learned Y table of width D/2 each; a patch at
+              (row, col) gets concat(X[col], Y[row]); the class token has its own vector.
+  relative    1-D relative attention: a learned vector per offset between query and key
+              positions, matched against the query as extra keys; the logits are a bias
+              on the content logits before the softmax, in every layer.
+  sincos_2d   fixed 2-D sin-cos (Beyer et al. 2022, "Better plain ViT baselines"): not in the
+              paper's table, a parameter-free baseline.
+
+Placements (`PosEmbedSpec.placement`): `stem` adds one table to the input tokens;
+`every_layer` gives each block its own table, added to the block's input; `every_layer_shared`
+adds one table at every block's input. `none` and `relative` exist only at `stem`, the
+paper's N/A cells.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitexp.models.patch_embed import Size2d
+
+KINDS = ("none", "learned_1d", "learned_2d", "relative", "sincos_2d")
+PLACEMENTS = ("stem", "every_layer", "every_layer_shared")
+STEM_ONLY_KINDS = ("none", "relative")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+ABSOLUTE_KINDS = ("learned_1d", "learned_2d", "sincos_2d")
+
+
+@dataclass
+class PosEmbedSpec:
+    """How positions are encoded; also the Hydra `model/pos_embed` config node."""
+
+    kind: str = "learned_1d"
+    placement: str = "stem"
+    # Resampling on resize(): timm and this project default to bicubic with antialiasing;
+    # the paper's original code used bilinear (set interpolation=bilinear, antialias=false).
+    interpolation: str = "bicubic"
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"pos_embed.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(
+                f"pos_embed.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}"
+            )
+        if self.kind in STEM_ONLY_KINDS and self.placement != "stem":
+            raise ValueError(
+                f"pos_embed.kind={self.kind} with placement={self.placement} is an N/A cell of "
+                f"the paper's Table 8: {self.kind} exists only at placement=stem"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"pos_embed.interpolation={self.interpolation!r} is not one of "
+                f"{', '.join(INTERPOLATIONS)}"
+            )
+
+    @classmethod
+    def parse(cls, value: PosEmbedSpec | dict | str) -> PosEmbedSpec:
+        """Accept a spec, a mapping of its fields, or just the kind."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)
+        return cls(**dict(value))
+
+
+def _interpolate(x: torch.Tensor, size: Size2d, mode: str, antialias: bool) -> torch.Tensor:
+    """Resize a (1, C, H, W) tensor in float32 and return it in its own dtype."""
+    kwargs = {} if mode == "nearest" else {"antialias": antialias, "align_corners": False}
+    return F.interpolate(x.float(), size=size, mode=mode, **kwargs).to(x.dtype)
+
+
+def resample_grid(
+    table: torch.Tensor,
+    old_grid: Size2d,
+    new_grid: Size2d,
+    num_prefix_tokens: int,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample a (1, prefix + H*W, D) table to a new grid as a 2-D image; prefix rows kept.
+
+    Same values as timm's `resample_abs_pos_embed` with the same settings.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    prefix, grid = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H, W)
+    grid = _interpolate(grid, new_grid, interpolation, antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def resample_1d(
+    table: torch.Tensor, new_len: int, interpolation: str = "bicubic", antialias: bool = True
+) -> torch.Tensor:
+    """Resample a (L, C) table along L, with the same kernel as the 2-D case (1-D cubic...)."""
+    if table.shape[0] == new_len:
+        return table
+    image = table.t().unsqueeze(0).unsqueeze(2)  # (1, C, 1, L)
+    return _interpolate(image, (1, new_len), interpolation, antialias)[0, :, 0].t()
+
+
+def posemb_sincos_2d(grid: Size2d, dim: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """(H*W, D) fixed embedding: [sin(x w), cos(x w), sin(y w), cos(y w)] per patch."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs embed_dim divisible by 4, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    omega = torch.arange(dim // 4) / max(dim // 4 - 1, 1)
+    omega = 1.0 / temperature**omega
+    y = y.flatten()[:, None] * omega[None, :]
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class AbsolutePosEmbed(nn.Module, ABC):
+    """A table of one vector per token, added to the tokens: `x + table()`."""
+
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.dim = dim
+
+    @abstractmethod
+    def table(self) -> torch.Tensor:
+        """The (1, T, D) embedding of every token, prefix tokens first."""
+
+    @abstractmethod
+    def resize(self, grid_size: Size2d, interpolation: str, antialias: bool) -> None:
+        """Resample (or rebuild) the table for a new patch grid, in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table().to(x.dtype)
+
+
+class LearnedPosEmbed1D(AbsolutePosEmbed):
+    """1-D: one learned vector per sequence position, prefix (class) tokens included."""
+
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int):
+        super().__init__(grid_size, num_prefix_tokens, dim)
+        num_tokens = num_prefix_tokens + grid_size[0] * grid_size[1]
+        self.weight = nn.Parameter(torch.empty(1, num_tokens, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def table(self) -> torch.Tensor:
+        return self.weight
+
+    @torch.no_grad()
+    def resize(self, grid_size: Size2d, interpolation: str, antialias: bool) -> None:
+        """Interpolate the grid part as an H x W image of D channels."""
+        new = resample_grid(
+            self.weight, self.grid_size, grid_size, self.num_prefix_tokens, interpolation, antialias
+        )
+        self.weight = nn.Parameter(new.contiguous())
+        self.grid_size = tuple(grid_size)
+
+
+class LearnedPosEmbed2D(AbsolutePosEmbed):
+    """2-D: X (column) and Y (row) tables of D/2 each, concatenated per patch."""
+
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int):
+        super().__init__(grid_size, num_prefix_tokens, dim)
+        if dim % 2:
+            raise ValueError(f"learned_2d needs an even embed_dim (two halves), got {dim}")
+        self.x_embed = nn.Parameter(torch.empty(grid_size[1], dim // 2))
+        self.y_embed = nn.Parameter(torch.empty(grid_size[0], dim // 2))
+        self.prefix_embed = (
+            nn.Parameter(torch.empty(1, num_prefix_tokens, dim)) if num_prefix_tokens else None
+        )
+        for p in (self.x_embed, self.y_embed, self.prefix_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def table(self) -> torch.Tensor:
+        rows, cols = self.grid_size
+        x = self.x_embed[None, :, :].expand(rows, cols, -1)  # (H, W, D/2): X[col]
+        y = self.y_embed[:, None, :].expand(rows, cols, -1)  # (H, W, D/2): Y[row]
+        grid = torch.cat([x, y], dim=-1).reshape(1, rows * cols, self.dim)
+        if self.prefix_embed is None:
+            return grid
+        return torch.cat([self.prefix_embed, grid], dim=1)
+
+    @torch.no_grad()
+    def resize(self, grid_size: Size2d, interpolation: str, antialias: bool) -> None:
+        """Interpolate each axis table on its own axis (1-D)."""
+        x = resample_1d(self.x_embed, grid_size[1], interpolation, antialias)
+        y = resample_1d(self.y_embed, grid_size[0], interpolation, antialias)
+        self.x_embed = nn.Parameter(x.contiguous())
+        self.y_embed = nn.Parameter(y.contiguous())
+        self.grid_size = tuple(grid_size)
+
+
+class SinCosPosEmbed2D(AbsolutePosEmbed):
+    """Fixed 2-D sin-cos; prefix tokens get zeros. A buffer, not a parameter: it is not in
+    the state dict and is recomputed for any grid, so `kind=sincos_2d` and the temperature
+    (in the model config saved with every checkpoint) are all that records it."""
+
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, temperature=10_000.0):
+        super().__init__(grid_size, num_prefix_tokens, dim)
+        self.temperature = temperature
+        self.register_buffer("fixed", self._build(grid_size), persistent=False)
+
+    def _build(self, grid_size: Size2d) -> torch.Tensor:
+        grid = posemb_sincos_2d(grid_size, self.dim, self.temperature)
+        prefix = torch.zeros(self.num_prefix_tokens, self.dim)
+        return torch.cat([prefix, grid], dim=0)[None]
+
+    def table(self) -> torch.Tensor:
+        return self.fixed
+
+    def resize(self, grid_size: Size2d, interpolation: str, antialias: bool) -> None:
+        self.fixed = self._build(grid_size).to(self.fixed.device)
+        self.grid_size = tuple(grid_size)
+
+
+def build_absolute_pos_embed(
+    kind: str, grid_size: Size2d, num_prefix_tokens: int, dim: int
+) -> AbsolutePosEmbed:
+    classes = {
+        "learned_1d": LearnedPosEmbed1D,
+        "learned_2d": LearnedPosEmbed2D,
+        "sincos_2d": SinCosPosEmbed2D,
+    }
+    if kind not in classes:
+        raise ValueError(f"{kind!r} is not an absolute position embedding ({ABSOLUTE_KINDS})")
+    return classes[kind](grid_size, num_prefix_tokens, dim)
+
+
+class RelativePositionBias(nn.Module):
+    """1-D relative attention logits for one layer (paper D.4, after Shaw et al. 2018).
+
+    Tokens are numbered along the sequence, patches in row-major order. Each offset
+    k - q between a query patch q and a key patch k, from -(N-1) to N-1, has a learned
+    vector r (width = head dim, shared by the heads). The query attends to these vectors as
+    extra keys: bias[q, k] = <query_q, r_(k-q)> * scale, added to the content logits
+    before the softmax.
+
+    Class token: it is not on the patch grid, so it has no offset to a patch. Like BEiT,
+    it gets three learned vectors of its own instead: class->patch, patch->class and
+    class->class (shared by all prefix tokens if there were several).
+
+    Resampling (`resize`): the paper defines none. Offsets are 1-D positions along the
+    flattened sequence, so the table is treated like a 1-D learned embedding over the
+    normalised offset (k - q) / N and interpolated from 2N-1 to 2N'-1 entries with the
+    configured kernel; the three class-token vectors are kept. This keeps "near" and "far"
+    along the sequence where they were; the exact row period (offset = +-W) moves with the
+    aspect of the new grid, which fine-tuning re-learns. Exact 2-D resampling would need
+    2-D relative offsets, which are not this paper's variant.
+    """
+
+    NUM_SPECIAL = 3  # class->patch, patch->class, class->class
+
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, head_dim: int):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        num_patches = grid_size[0] * grid_size[1]
+        self.offset_embed = nn.Parameter(torch.empty(2 * num_patches - 1, head_dim))
+        nn.init.trunc_normal_(self.offset_embed, std=0.02)
+        self.special_embed = None
+        if num_prefix_tokens:
+            self.special_embed = nn.Parameter(torch.empty(self.NUM_SPECIAL, head_dim))
+            nn.init.trunc_normal_(self.special_embed, std=0.02)
+        self.register_buffer("index", self._build_index(), persistent=False)
+
+    def _build_index(self) -> torch.Tensor:
+        """(T, T) index into cat([offset_embed, special_embed]) for each query/key pair."""
+        n, p = self.grid_size[0] * self.grid_size[1], self.num_prefix_tokens
+        pos = torch.arange(n)
+        index = torch.empty(p + n, p + n, dtype=torch.long)
+        index[p:, p:] = pos[None, :] - pos[:, None] + (n - 1)  # key - query, shifted to >= 0
+        special = 2 * n - 1
+        index[:p, p:] = special  # class -> patch
+        index[p:, :p] = special + 1  # patch -> class
+        index[:p, :p] = special + 2  # class -> class
+        return index
+
+    def forward(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: (B, heads, T, head_dim) -> bias (B, heads, T, T)."""
+        table = self.offset_embed
+        if self.special_embed is not None:
+            table = torch.cat([table, self.special_embed], dim=0)
+        table = table.to(q.dtype)
+        logits = (q * scale) @ table.t()  # (B, heads, T, R): the query against every offset
+        index = self.index.expand(*q.shape[:2], -1, -1)
+        return logits.gather(-1, index)
+
+    @torch.no_grad()
+    def resize(self, grid_size: Size2d, interpolation: str, antialias: bool) -> None:
+        n = grid_size[0] * grid_size[1]
+        offsets = resample_1d(self.offset_embed, 2 * n - 1, interpolation, antialias)
+        self.offset_embed = nn.Parameter(offsets.contiguous())
+        self.grid_size = tuple(grid_size)
+        self.index = self._build_index().to(self.index.device)
+
+
+def num_tables(placement: str, depth: int) -> int:
+    """How many absolute tables a placement holds."""
+    return depth if placement == "every_layer" else 1
+
+
+def table_for_layer(placement: str, layer: int) -> int | None:
+    """Which table is added at the input of block `layer` (None: nothing is added)."""
+    if placement == "every_layer":
+        return layer
+    if placement == "every_layer_shared":
+        return 0
+    return 0 if layer == 0 else None
+
+
+def describe(spec: PosEmbedSpec) -> str:
+    """Short label, e.g. '1-D / every layer', as the paper's table names the cells."""
+    kinds = {
+        "none": "none",
+        "learned_1d": "1-D",
+        "learned_2d": "2-D",
+        "relative": "relative",
+        "sincos_2d": "sin-cos 2-D",
+    }
+    return f"{kinds[spec.kind]} / {spec.placement.replace('_', ' ')}"
+
+
+def square_grid(num_tokens: int, num_prefix_tokens: int) -> Size2d:
+    """Square grid of a (1, prefix + H*W, D) table, for weights that carry no grid size."""
+    side = math.isqrt(num_tokens - num_prefix_tokens)
+    if side * side != num_tokens - num_prefix_tokens:
+        raise ValueError(
+            f"position table has {num_tokens - num_prefix_tokens} patch positions, not a "
+            "square grid: pass the grid size explicitly"
+        )
+    return (side, side)

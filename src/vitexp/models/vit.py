@@ -1,0 +1,397 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021, "An Image is Worth 16x16 Words").
+
+    z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos          (eq. 1, position embedding)
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                       (eq. 2)
+    z_l = MLP(LN(z'_l)) + z'_l                              (eq. 3)
+    y = LN(z_L^0)                                           (eq. 4, class token)
+
+with every position-embedding variant of the paper's Table 8 (see `pos_embed.py`), class
+token or global average pooling, an optional pre-logits layer and a hybrid CNN stem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from vitexp.models import pos_embed as pe
+from vitexp.models.patch_embed import PatchEmbed, Size2d, to_2tuple
+from vitexp.models.pos_embed import PosEmbedSpec, RelativePositionBias
+
+POOLS = ("cls", "gap")
+STEMS = ("patch", "r50")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; fused SDPA unless attention probabilities are requested."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rel_pos: RelativePositionBias | None = None,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos = rel_pos
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        bias = self.rel_pos(q, self.scale) if self.rel_pos is not None else None  # (B,h,T,T)
+        drop = self.attn_drop if self.training else 0.0
+        if return_attention:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(dim=-1)
+            x = F.dropout(attn, drop, self.training) @ v
+        else:
+            attn = None
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        x = x.transpose(1, 2).reshape(B, T, D)
+        return self.proj_drop(self.proj(x)), attn
+
+
+class Mlp(nn.Module):
+    """Two dense layers with a GELU between them (the Transformer's MLP block)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer encoder block: eq. 2 and eq. 3."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        rel_pos: RelativePositionBias | None = None,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, rel_pos)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class Encoder(nn.Module):
+    """The stack of blocks, adding absolute position embeddings where the placement says."""
+
+    def __init__(
+        self,
+        depth: int,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_rate: float,
+        attn_drop_rate: float,
+        drop_path_rate: float,
+        pos_embed: PosEmbedSpec,
+        grid_size: Size2d,
+        num_prefix_tokens: int,
+        norm_eps: float,
+        final_norm: bool,
+    ):
+        super().__init__()
+        self.placement = pos_embed.placement
+        self.pos_embeds = nn.ModuleList()
+        if pos_embed.kind in pe.ABSOLUTE_KINDS:
+            for _ in range(pe.num_tables(pos_embed.placement, depth)):
+                table = pe.build_absolute_pos_embed(
+                    pos_embed.kind, grid_size, num_prefix_tokens, dim
+                )
+                self.pos_embeds.append(table)
+        self.pos_drop = nn.Dropout(drop_rate)  # the paper: dropout right after adding E_pos
+        # stochastic depth grows linearly with depth, 0 at the first block
+        drop_paths = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                drop_rate,
+                attn_drop_rate,
+                drop_paths[i],
+                RelativePositionBias(grid_size, num_prefix_tokens, dim // num_heads)
+                if pos_embed.kind == "relative"
+                else None,
+                norm_eps,
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
+
+    def add_position(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        index = pe.table_for_layer(self.placement, layer) if self.pos_embeds else None
+        if index is not None:
+            x = self.pos_embeds[index](x)
+        return self.pos_drop(x) if layer == 0 else x
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x, attn = block(self.add_position(x, i), return_attention)
+            if return_attention:
+                maps.append(attn)
+        return self.norm(x), maps
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier. Config names follow DESIGN.md (`model.*` keys).
+
+    Args:
+        img_size: input resolution, int or (height, width).
+        patch_size / patch_stride: patch side and stride (stride < size: overlapping).
+            For the hybrid stem they apply to the CNN feature map (the paper uses 1x1).
+        num_classes: head outputs; 0 for no head (features only).
+        embed_dim, depth, num_heads, mlp_ratio: the Transformer's width D, layers L,
+            heads and MLP size / D.
+        pool: `cls` (class token, the paper) or `gap` (global average pooling of patches).
+        class_token: prepend a class token; defaults to pool == "cls".
+        fc_norm: with `gap`, normalise after pooling instead of before (timm's GAP models).
+        representation_size: width of the tanh pre-logits layer used in pretraining; None
+            for none (fine-tuning drops it).
+        pos_embed: a `PosEmbedSpec`, a dict of its fields or a kind name.
+        stem: `patch` (pixels) or `r50` (hybrid: ResNet-50 feature map at stride 16).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        patch_stride: int | Sequence[int] | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pool: str = "cls",
+        class_token: bool | None = None,
+        fc_norm: bool = False,
+        representation_size: int | None = None,
+        pos_embed: PosEmbedSpec | dict | str = "learned_1d",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        stem: str = "patch",
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool={pool!r} is not one of {', '.join(POOLS)}")
+        class_token = pool == "cls" if class_token is None else class_token
+        if pool == "cls" and not class_token:
+            raise ValueError("pool=cls needs class_token=true (or use pool=gap)")
+        if fc_norm and pool != "gap":
+            raise ValueError("fc_norm=true applies to pool=gap only")
+        if stem not in STEMS:
+            raise ValueError(f"stem={stem!r} is not one of {', '.join(STEMS)}")
+        if depth < 1 or embed_dim < 1:
+            raise ValueError(f"depth={depth} and embed_dim={embed_dim} must be >= 1")
+        self.pos_embed_spec = PosEmbedSpec.parse(pos_embed)
+        self.config: dict[str, Any] = dict(
+            img_size=to_2tuple(img_size, "img_size"),
+            patch_size=patch_size,
+            patch_stride=patch_stride,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            pool=pool,
+            class_token=class_token,
+            fc_norm=fc_norm,
+            representation_size=representation_size,
+            pos_embed=asdict(self.pos_embed_spec),
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            stem=stem,
+            norm_eps=norm_eps,
+        )
+        self.pool = pool
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.num_prefix_tokens = int(class_token)
+
+        if stem == "r50":
+            from vitexp.models.hybrid import HybridEmbed
+
+            self.patch_embed = HybridEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.encoder = Encoder(
+            depth,
+            embed_dim,
+            num_heads,
+            mlp_ratio,
+            qkv_bias,
+            drop_rate,
+            attn_drop_rate,
+            drop_path_rate,
+            self.pos_embed_spec,
+            self.patch_embed.grid_size,
+            self.num_prefix_tokens,
+            norm_eps,
+            final_norm=not fc_norm,
+        )
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else nn.Identity()
+        self.pre_logits = (
+            nn.Sequential(nn.Linear(embed_dim, representation_size), nn.Tanh())
+            if representation_size
+            else nn.Identity()
+        )
+        head_in = representation_size or embed_dim
+        self.head = nn.Linear(head_in, num_classes) if num_classes else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self._init_weights()
+
+    # --- construction helpers -------------------------------------------------------------
+    def _init_weights(self) -> None:
+        """The original JAX init: xavier dense layers, lecun patch projection, zero head."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, std=1e-6) if ".mlp." in name else nn.init.zeros_(m.bias)
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        nn.init.trunc_normal_(proj.weight, std=(1.0 / fan_in) ** 0.5)
+        nn.init.zeros_(proj.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def grid_size(self) -> Size2d:
+        return self.patch_embed.grid_size
+
+    @property
+    def img_size(self) -> Size2d:
+        return self.patch_embed.img_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    # --- forward --------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> token sequence (B, T, D) with the class token first."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoded tokens (B, T, D) before pooling."""
+        return self.encoder(self.embed(x))[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens, then pre-logits and head. `pre_logits=True` stops before the head
+        (the features that few-shot linear evaluation uses)."""
+        x = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        x = self.pre_logits(self.fc_norm(x))
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's attention probabilities, a list of (B, heads, T, T)."""
+        return self.encoder(self.embed(x), return_attention=True)[1]
+
+    # --- fine-tuning ----------------------------------------------------------------------
+    @torch.no_grad()
+    def resize(self, img_size: int | Sequence[int]) -> None:
+        """Run at a new resolution: resample every position embedding of every placement
+        (learned tables interpolated, sin-cos recomputed, relative offsets resampled)."""
+        spec = self.pos_embed_spec
+        self.patch_embed.set_img_size(img_size)
+        grid = self.patch_embed.grid_size
+        for table in self.encoder.pos_embeds:
+            table.resize(grid, spec.interpolation, spec.antialias)
+        for block in self.encoder.blocks:
+            if block.attn.rel_pos is not None:
+                block.attn.rel_pos.resize(grid, spec.interpolation, spec.antialias)
+        self.config["img_size"] = self.patch_embed.img_size
+
+    def reset_classifier(self, num_classes: int, keep_pre_logits: bool = False) -> None:
+        """New zero-initialised head for `num_classes` (the paper's fine-tuning head); drops
+        the pre-logits layer unless asked to keep it."""
+        if not keep_pre_logits:
+            self.pre_logits = nn.Identity()
+            self.config["representation_size"] = None
+        head_in = self.embed_dim
+        if isinstance(self.pre_logits, nn.Sequential):
+            head_in = self.pre_logits[0].out_features
+        device = next(self.parameters()).device
+        self.head = nn.Linear(head_in, num_classes, device=device) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that are embeddings (class token, position tables)."""
+        return {
+            name
+            for name, _ in self.named_parameters()
+            if name == "cls_token" or ".pos_embeds." in name or ".rel_pos." in name
+        }

@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny models, deterministic seeds, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitexp.models import VisionTransformer
+
+VALID_CELLS = [
+    ("none", "stem"),
+    ("learned_1d", "stem"),
+    ("learned_1d", "every_layer"),
+    ("learned_1d", "every_layer_shared"),
+    ("learned_2d", "stem"),
+    ("learned_2d", "every_layer"),
+    ("learned_2d", "every_layer_shared"),
+    ("relative", "stem"),
+]
+NA_CELLS = [
+    ("none", "every_layer"),
+    ("none", "every_layer_shared"),
+    ("relative", "every_layer"),
+    ("relative", "every_layer_shared"),
+]
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    """A 2-layer ViT on 32 px images with 8 px patches (16 tokens + class token)."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter so that zero-initialised parts (head) matter too."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,59 @@
+"""Hybrid stem: ResNet-50 (GN + weight standardisation) feature map with 1x1 patches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitexp.models import create_model
+from vitexp.models.hybrid import ResNetStages, StdConv2d
+
+from conftest import VALID_CELLS, randomize_
+
+
+def small_hybrid(**overrides):
+    """The real R50 stem with a 1-layer, narrow Transformer (the stem is what is tested)."""
+    kwargs = dict(embed_dim=64, depth=1, num_heads=4, num_classes=3)
+    kwargs.update(overrides)
+    return create_model("hybrid_r50_b16", **kwargs)
+
+
+def test_feature_map_has_stride_16_and_1024_channels():
+    backbone = ResNetStages()
+    assert [len(stage) for stage in backbone.stages] == [3, 4, 9]
+    assert backbone(torch.randn(1, 3, 64, 96)).shape == (1, 1024, 4, 6)
+
+
+def test_224_gives_196_tokens_plus_class_token():
+    model = small_hybrid()
+    assert model.grid_size == (14, 14) and model.num_tokens == 197
+    assert model.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 197, 64)
+
+
+def test_weight_standardisation():
+    """A standardised kernel ignores the scale and shift of the raw weights."""
+    ref = StdConv2d(4, 8, 3, bias=False)
+    conv = StdConv2d(4, 8, 3, bias=False)
+    with torch.no_grad():
+        ref.weight.normal_()
+        conv.weight.copy_(ref.weight * 5 + 3)
+    x = torch.randn(1, 4, 9, 9)
+    torch.testing.assert_close(conv(x), ref(x), atol=1e-4, rtol=1e-4)
+    plain = torch.nn.functional.conv2d(x, conv.weight)
+    assert (plain - conv(x)).abs().max() > 1
+
+
+@pytest.mark.parametrize("kind,placement", VALID_CELLS + [("sincos_2d", "stem")])
+def test_every_position_embedding_on_the_hybrid_stem(kind, placement):
+    model = randomize_(small_hybrid(img_size=64, pos_embed={"kind": kind, "placement": placement}))
+    out = model(torch.randn(2, 3, 64, 64))
+    out.sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    model.resize((96, 64))
+    assert model.grid_size == (6, 4)
+    assert model(torch.randn(1, 3, 96, 64)).shape == (1, 3)
+
+
+def test_hybrid_needs_multiple_of_16():
+    with pytest.raises(ValueError, match="hybrid stem needs an image size divisible by 16"):
+        small_hybrid(img_size=200)
