@@ -1,0 +1,124 @@
+"""Reading checkpoints safely, and starting a fine-tune from a pretrained one.
+
+Every file is read with `torch.load(..., weights_only=True)` (or safetensors): a checkpoint
+that would run code when unpickled is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitexp.errors import CheckpointError
+from vitexp.models import VisionTransformer
+from vitexp.models.convert import load_timm_weights
+
+# Keys that must agree between a pretrained checkpoint and the fine-tuning model.
+ARCHITECTURE_KEYS = (
+    "patch_size",
+    "patch_stride",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "pool",
+    "class_token",
+    "fc_norm",
+    "stem",
+)
+POS_EMBED_KEYS = ("kind", "placement")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a checkpoint file's contents on CPU, refusing anything but tensors and plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what}={path} does not exist")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        reason = _first_line(err)
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds Python objects other than tensors (refused: loading could run code)"
+        raise CheckpointError(f"{what}={path} cannot be loaded: {reason}") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{what}={path} is not a checkpoint (a {type(content).__name__})")
+    return content
+
+
+def _same(a: Any, b: Any) -> bool:
+    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return as_tuple(a) == as_tuple(b)
+
+
+def check_architecture(saved: dict[str, Any], model: VisionTransformer, path: Path) -> None:
+    """Name the first architecture key where the checkpoint and the config disagree."""
+    wanted = model.config
+    pairs = [(k, saved.get(k), wanted[k]) for k in ARCHITECTURE_KEYS]
+    pairs += [
+        (f"pos_embed.{k}", saved["pos_embed"].get(k), wanted["pos_embed"][k])
+        for k in POS_EMBED_KEYS
+    ]
+    for key, have, want in pairs:
+        if not _same(have, want):
+            raise CheckpointError(
+                f"pretrained={path} has model.{key}={have} but the config has model.{key}="
+                f"{want}; fine-tune with the model the checkpoint was pretrained with"
+            )
+
+
+def load_pretrained(path: str | Path, model: VisionTransformer) -> dict[str, Any]:
+    """Initialise `model` (built at dataset B's resolution and class count) from a pretrained
+    vitexp checkpoint or a timm-format weight file, the paper's way: keep the body, drop the
+    pre-logits layer unless the model has one, start a zero-initialised head, and resample
+    every position embedding to the new grid. Returns the checkpoint's metadata."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_timm(path, model)
+    content = read_checkpoint(path, "pretrained")
+    if "vitexp" not in content:
+        return _load_timm(path, model)
+    meta = content["vitexp"]
+    saved_config = dict(meta["model_config"])
+    check_architecture(saved_config, model, path)
+    state = {
+        k.removeprefix("net."): v
+        for k, v in content.get("state_dict", {}).items()
+        if k.startswith("net.")
+    }
+    source = VisionTransformer(**saved_config)
+    try:
+        source.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"pretrained={path} is damaged: {_first_line(err)}") from None
+    # the fine-tune's own resampling settings apply
+    source.pos_embed_spec.interpolation = model.pos_embed_spec.interpolation
+    source.pos_embed_spec.antialias = model.pos_embed_spec.antialias
+    source.reset_classifier(
+        model.num_classes, keep_pre_logits=model.config["representation_size"] is not None
+    )
+    source.resize(model.img_size)
+    result = model.load_state_dict(source.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"pretrained={path} does not fit the model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    return meta
+
+
+def _load_timm(path: Path, model: VisionTransformer) -> dict[str, Any]:
+    try:
+        load_timm_weights(model, path)
+    except (ValueError, FileNotFoundError) as err:
+        raise CheckpointError(f"pretrained={path}: {_first_line(err)}") from None
+    return {"source": "timm", "path": str(path)}

@@ -1,0 +1,138 @@
+"""What every vitexp command shares: one-line errors and atomic file writes.
+
+Hydra prints composition errors over several lines with a hint about HYDRA_FULL_ERROR;
+vitexp's commands print ONE line, `error: <what> ...`, and exit non-zero. With
+HYDRA_FULL_ERROR=1 set by the user, the full traceback is shown instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from vitexp.errors import VitexpError
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def one_line(err: BaseException) -> str:
+    """Turn any error (ours, Hydra's, OmegaConf's) into one line naming the culprit."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    if isinstance(err, VitexpError):
+        return _squash(str(err))
+    if isinstance(err, MissingConfigException):
+        match = re.search(r"Could not find '([^']+)'", str(err))
+        group, _, option = (match.group(1) if match else "").rpartition("/")
+        options = ", ".join(err.options or [])
+        if group and options:
+            return f"{group}={option} is not a known option; choose one of {options}"
+        return _squash(str(err).split("\n\n")[0])
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", "") or "a value"
+        return f"{key} is not set; give it on the command line, e.g. {key}=..."
+    if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+        message = str(err).split("\n")[0]
+        if re.match(r"Key '.*' (is )?not in", message):
+            parent = err.full_key.rpartition(".")[0] or "the top level"
+            return (
+                f"{err.full_key} is not a key of {parent}; check the spelling "
+                "(`python -m vitexp.train --cfg job` lists every key)"
+            )
+        value = getattr(err, "value", None)
+        shown = f"={value!r}" if value is not None else ""
+        if "is not a subclass of" in message:  # a value given for a whole config node
+            key = err.full_key
+            return (
+                f"{key}{shown}: {key} is a group of settings, not a value; set one of its keys "
+                f"({key}.NAME=...) or pick a file of the group ({key.replace('.', '/')}=FILE)"
+            )
+        return f"{err.full_key}{shown}: {message}"
+    if isinstance(err, ConfigCompositionException):
+        if err.__cause__ is not None:
+            return one_line(err.__cause__)
+        return _squash(str(err))
+    text = str(err).strip().split("\n")[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+FORCED = "_VITEXP_FORCED_FULL_ERROR"  # set by us, inherited by DDP child processes
+
+
+def wants_traceback() -> bool:
+    """True when the user set HYDRA_FULL_ERROR=1 (not when vitexp forced it)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and FORCED not in os.environ
+
+
+def exit_with(err: BaseException) -> None:
+    """Print the one-line error and exit: 2 for a user error, 1 for anything else."""
+    user_error = isinstance(err, VitexpError) or type(err).__module__.startswith(
+        ("hydra", "omegaconf")
+    )
+    suffix = "" if user_error else " (HYDRA_FULL_ERROR=1 shows the traceback)"
+    print(f"error: {one_line(err)}{suffix}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR if user_error else EXIT_FAILURE)
+
+
+def single_run_errors(task: Callable) -> Callable:
+    """Decorate a Hydra task: in a single run, an error becomes one line and an exit code
+    (Hydra would add "Error executing job..." first). In a multirun the error goes back to
+    Hydra, which runs the other jobs and then reports the failure."""
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        try:
+            return task(*args, **kwargs)
+        except Exception as err:
+            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            if wants_traceback() or multirun:
+                raise
+            exit_with(err)
+
+    return wrapper
+
+
+def run_cli(entry: Callable[[], object]) -> None:
+    """Run a Hydra (or plain) entry point; print one line and exit non-zero on failure."""
+    user_full = wants_traceback()
+    if not user_full:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise instead of printing
+        os.environ[FORCED] = "1"
+    try:
+        entry()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if user_full:
+            raise
+        exit_with(err)

@@ -1,0 +1,342 @@
+"""Structured configs (the schema of `configs/`) and the checks run before anything is built.
+
+Each dataclass is one Hydra group and maps to one place in the code:
+
+    data/      DataConfig      -> vitexp.data.ImageDataModule
+    model/     ModelConfig     -> vitexp.models.VisionTransformer (model/pos_embed: PosEmbedSpec)
+    optim/     OptimConfig     -> vitexp.module.ViTModule.configure_optimizers
+    schedule/  ScheduleConfig  -> vitexp.module.lr_lambda
+    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.train.build_trainer)
+    logger/    LoggerConfig    -> vitexp.train.build_logger
+
+OmegaConf checks types and unknown keys while Hydra composes; `validate` checks values
+and combinations and raises `ConfigError` with one line naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from vitexp.errors import ConfigError
+from vitexp.models.pos_embed import PosEmbedSpec
+
+STAGES = ("pretrain", "finetune")
+SOURCES = ("digits", "shapes", "torchvision", "imagefolder", "hf")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
+LOSSES = ("softmax", "sigmoid")
+LOGGERS = ("csv", "tensorboard", "wandb")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+ON_CORRUPT = ("skip", "error")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (the paper: Inception crop + flip) and eval resizing."""
+
+    random_resized_crop: bool = True
+    scale_min: float = 0.08  # lower bound of the crop's area fraction
+    hflip: bool = True
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, center-crop img_size
+
+
+@dataclass
+class ShapesConfig:
+    """Procedural dataset sizes (see vitexp.data.shapes)."""
+
+    num_train: int = 20_000
+    num_val: int = 1_000
+    num_test: int = 2_000
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # label used in results, reports and log keys
+    source: str = "digits"  # digits | shapes | torchvision | imagefolder | hf
+    dataset: str | None = None  # torchvision: CIFAR10 | CIFAR100; hf: hub name or builder
+    root: str | None = None  # where the data lives on disk
+    data_files: dict[str, Any] | None = None  # hf: local files per split, e.g. {train: a.parquet}
+    num_classes: int = 10  # checked against the data
+    batch_size: int = 64  # per device
+    global_batch_size: int | None = None  # kept across device counts by accumulation
+    num_workers: int = 2
+    download: bool = False  # never fetch data unless asked
+    seed: int = 0  # seed of the held-out splits
+    val_fraction: float = 0.1  # of train, when the source has no validation split
+    test_fraction: float = 0.2  # of all data, when the source has no test split
+    image_column: str = "image"  # hf
+    label_column: str = "label"  # hf
+    streaming: bool = False  # hf: stream shards instead of downloading/reading them whole
+    train_split: str = "train"  # hf split names
+    val_split: str | None = None
+    test_split: str | None = "test"
+    val_size: int = 1000  # hf streaming: examples taken from the head of train for validation
+    shuffle_buffer: int = 10_000  # hf streaming
+    on_corrupt: str = "error"  # skip | error: what an unreadable image does
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of VisionTransformer, spelled out in each model/*.yaml."""
+
+    name: str = "vit_b16"
+    img_size: Any = 224  # int or [height, width]
+    patch_size: int = 16
+    patch_stride: int | None = None  # < patch_size: overlapping patches
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pool: str = "cls"
+    class_token: bool | None = None
+    fc_norm: bool = False
+    representation_size: int | None = None
+    pos_embed: PosEmbedSpec = field(default_factory=PosEmbedSpec)
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    stem: str = "patch"
+    norm_eps: float = 1e-6
+    # the input normalisation the model expects (the paper's code: [-1, 1])
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The VisionTransformer arguments (everything but name and normalisation)."""
+        skip = {"name", "mean", "std"}
+        kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        kwargs["img_size"] = img_size_tuple(self.img_size)
+        kwargs["pos_embed"] = PosEmbedSpec(**vars(self.pos_embed))
+        return kwargs
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adam | adamw (decoupled decay, = the paper's "Adam + weight decay") | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # not applied to norms, biases, position embeddings, class token
+    beta1: float = 0.9
+    beta2: float = 0.999
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "warmup_cosine"  # warmup_linear | warmup_cosine | constant
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.0  # final lr as a fraction of optim.lr
+
+
+@dataclass
+class LossConfig:
+    name: str = "softmax"  # softmax | sigmoid (the paper's pretraining loss)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """lightning.Trainer arguments plus vitexp's speed switches."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = -1
+    max_epochs: int | None = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0  # global norm, as in the paper
+    deterministic: bool = False
+    compile: bool = False  # torch.compile the model
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    checkpoint_every_n_steps: int | None = None  # also save last.ckpt every n steps
+    progress_bar: bool = True  # rich progress bar
+    ddp_timeout_s: int = 1800
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | tensorboard | wandb
+    project: str = "vitexp"  # wandb
+    offline: bool = True  # wandb: never needs a login unless set to false
+    entity: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"  # pretrain (on dataset A) | finetune (on dataset B)
+    name: str = "run"  # groups runs under outputs/<name>/
+    seed: int = 0
+    pretrained: str | None = None  # finetune: vitexp checkpoint or timm-format weight file
+    ckpt_path: str | None = None  # resume: a .ckpt path, or `last`
+    output_root: str = "outputs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Make the schema available to configs/train.yaml's defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# --- validation --------------------------------------------------------------------------
+def img_size_tuple(value: Any) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if OmegaConf.is_list(value):
+        value = list(value)
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(f"model.img_size={value!r}: use an int or [height, width]")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+def _fraction(key: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
+    if not low <= value < high:
+        raise ConfigError(f"{key}={value!r} must be in [{low}, {high})")
+
+
+def to_object(cfg: DictConfig) -> TrainConfig:
+    """The composed config as typed dataclasses (the schema guarantees the types)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    missing = sorted(OmegaConf.missing_keys(plain))
+    if missing:
+        raise ConfigError(
+            f"{missing[0]} is not set (???); give it on the command line, e.g. {missing[0]}=..."
+        )
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    try:
+        return OmegaConf.to_object(merged)
+    except ValueError as err:  # PosEmbedSpec checks its own fields (kind, placement, N/A)
+        raise ConfigError(f"model.{err}") from None
+
+
+def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Check every value and combination; return the typed config or raise ConfigError."""
+    c = cfg if isinstance(cfg, TrainConfig) else to_object(cfg)
+    _one_of("stage", c.stage, STAGES)
+    if c.stage == "finetune" and not c.pretrained:
+        raise ConfigError(
+            "stage=finetune needs pretrained=PATH (a vitexp .ckpt or a timm .safetensors/.pth)"
+        )
+    _validate_data(c.data)
+    _validate_model(c.model)
+    _validate_optim(c)
+    _one_of("loss.name", c.loss.name, LOSSES)
+    _fraction("loss.label_smoothing", c.loss.label_smoothing)
+    _validate_trainer(c.trainer)
+    _one_of("logger.name", c.logger.name, LOGGERS)
+    return c
+
+
+def _validate_data(d: DataConfig) -> None:
+    _one_of("data.source", d.source, SOURCES)
+    _one_of("data.on_corrupt", d.on_corrupt, ON_CORRUPT)
+    if d.num_classes < 2:
+        raise ConfigError(f"data.num_classes={d.num_classes} must be >= 2")
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.global_batch_size", d.global_batch_size)
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _fraction("data.val_fraction", d.val_fraction)
+    _fraction("data.test_fraction", d.test_fraction)
+    if d.global_batch_size and d.global_batch_size % d.batch_size:
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+            f"data.batch_size={d.batch_size}"
+        )
+    if d.source in ("torchvision", "hf") and not d.dataset:
+        raise ConfigError(
+            f"data.dataset is not set; data.source={d.source} needs it "
+            "(torchvision: CIFAR10 or CIFAR100; hf: a hub name or a builder such as parquet)"
+        )
+    if d.source in ("torchvision", "imagefolder") and not d.root:
+        raise ConfigError(
+            f"data.root is not set; data.source={d.source} reads the images from there "
+            "(data.root=/path/to/data)"
+        )
+    a = d.augment
+    if not 0 < a.scale_min <= 1:
+        raise ConfigError(f"data.augment.scale_min={a.scale_min} must be in (0, 1]")
+    if not 0 < a.crop_pct <= 1:
+        raise ConfigError(f"data.augment.crop_pct={a.crop_pct} must be in (0, 1]")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """Build the model on the meta device: every architecture check runs, nothing is
+    allocated (a ViT-H builds in milliseconds)."""
+    import torch
+
+    from vitexp.models import VisionTransformer
+
+    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        _fraction(f"model.{key}", getattr(m, key))
+    if len(m.mean) != m.in_chans or len(m.std) != m.in_chans:
+        raise ConfigError(f"model.mean/std need {m.in_chans} values (model.in_chans)")
+    try:
+        with torch.device("meta"):
+            VisionTransformer(num_classes=2, **m.model_kwargs())
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def _validate_optim(c: TrainConfig) -> None:
+    o = c.optim
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _fraction("optim.beta1", o.beta1)
+    _fraction("optim.beta2", o.beta2)
+    _fraction("optim.momentum", o.momentum)
+    s = c.schedule
+    _one_of("schedule.name", s.name, SCHEDULES)
+    _positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    _fraction("schedule.end_lr_ratio", s.end_lr_ratio, 0.0, 1.0 + 1e-9)
+
+
+def _validate_trainer(t: TrainerConfig) -> None:
+    _one_of("trainer.precision", str(t.precision), PRECISIONS)
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be > 0 (or -1: use max_epochs)")
+    if t.max_steps == -1 and not t.max_epochs:
+        raise ConfigError("set trainer.max_steps or trainer.max_epochs (both are unset)")
+    _positive("trainer.max_epochs", t.max_epochs)
+    _positive("trainer.num_nodes", t.num_nodes)
+    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    _positive("trainer.gradient_clip_val", t.gradient_clip_val, allow_zero=True)
+    _positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps)

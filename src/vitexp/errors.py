@@ -1,0 +1,21 @@
+"""User-facing errors: each is one line that names the culprit and what to do.
+
+`vitexp.train` (and the other entry points) print them as `error: <message>` and exit
+non-zero without a traceback; HYDRA_FULL_ERROR=1 shows the traceback.
+"""
+
+
+class VitexpError(Exception):
+    """A problem the user can fix (bad config, missing data, unusable checkpoint)."""
+
+
+class ConfigError(VitexpError):
+    """A config value that is wrong, or a combination that cannot work."""
+
+
+class DataError(VitexpError):
+    """Missing, empty, mismatched or corrupt data."""
+
+
+class CheckpointError(VitexpError):
+    """A checkpoint that is missing, broken, untrusted or of another architecture."""

@@ -1,0 +1,187 @@
+"""ViTModule: the LightningModule around a VisionTransformer (loss, metrics, optimizers).
+
+Pretraining and fine-tuning differ only in their configs (optimizer, schedule, loss) and in
+how the network was built (`vitexp.checkpoint.load_pretrained`), so one module serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
+from vitexp.models import VisionTransformer
+
+CHECKPOINT_FORMAT = 1
+
+
+def lr_lambda(
+    step: int, total_steps: int, warmup_steps: int, name: str, end_lr_ratio: float
+) -> float:
+    """Learning-rate multiplier: linear warmup, then linear or cosine decay (or constant)."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if name == "warmup_linear":
+        decay = 1.0 - progress
+    else:  # warmup_cosine
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return end_lr_ratio + (1.0 - end_lr_ratio) * decay
+
+
+def sigmoid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The paper's pretraining loss: independent sigmoids, summed over classes."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
+
+
+class ViTModule(L.LightningModule):
+    """Trains `net`; every checkpoint also records how to rebuild it (`checkpoint["vitexp"]`).
+
+    Args:
+        net: the VisionTransformer (already loaded from a pretrained checkpoint for fine-tuning).
+        optim, schedule, loss: the config groups of the same names.
+        meta: facts saved with every checkpoint (stage, data name, class names, normalisation).
+        compile: run the forward pass through `torch.compile` (the saved weights stay those of
+            the plain module, so checkpoints never carry `_orig_mod.` prefixes).
+    """
+
+    def __init__(
+        self,
+        net: VisionTransformer,
+        optim: OptimConfig,
+        schedule: ScheduleConfig,
+        loss: LossConfig,
+        meta: dict[str, Any] | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        # plain containers only: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {"optim": asdict(optim), "schedule": asdict(schedule), "loss": asdict(loss)}
+        )
+        self.net = net
+        self.optim_cfg, self.schedule_cfg, self.loss_cfg = optim, schedule, loss
+        self.meta = dict(meta or {})
+        self._forward = [torch.compile(net) if compile else net]  # a list: not a submodule
+        num_classes = net.num_classes
+        top5 = min(5, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward[0](images)
+
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        smoothing = self.loss_cfg.label_smoothing
+        if self.loss_cfg.name == "sigmoid":
+            targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+            targets = targets * (1 - smoothing) + smoothing / logits.shape[-1]
+            return sigmoid_cross_entropy(logits, targets)
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+    # --- steps -----------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}); lower optim.lr or check the data. The last good "
+                "checkpoint is untouched."
+            )
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        acc, top5 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_top5")
+        acc(logits, labels)
+        top5(logits, labels)
+        log = partial(self.log, on_step=False, on_epoch=True, sync_dist=True)
+        log(f"{stage}/loss", self.loss_fn(logits, labels))
+        log(f"{stage}/acc", acc, prog_bar=stage == "val")
+        log(f"{stage}/acc_top5", top5)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # --- optimisation ----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on weight matrices only: not on norms, biases, position embeddings
+        or the class token."""
+        skip = self.net.no_weight_decay()
+        decay, no_decay = [], []
+        for name, param in self.net.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or name in skip else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.optim_cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        groups = self.parameter_groups()
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        if o.name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        else:
+            cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+            optimizer = cls(groups, lr=o.lr, betas=(o.beta1, o.beta2), **fused)
+        s = self.schedule_cfg
+        schedule = partial(
+            lr_lambda,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            warmup_steps=s.warmup_steps,
+            name=s.name,
+            end_lr_ratio=s.end_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record how to rebuild the network (grid, prefix tokens, position embedding) and
+        the RNG state, so that a resumed run draws the same dropout masks."""
+        net = self.net
+        checkpoint["vitexp"] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": dict(net.config),
+            "grid_size": tuple(net.grid_size),
+            "num_prefix_tokens": net.num_prefix_tokens,
+            **self.meta,
+        }
+        checkpoint["rng"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

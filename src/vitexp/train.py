@@ -1,0 +1,282 @@
+"""`python -m vitexp.train [+experiment=NAME] [key=value ...]`: pretrain or fine-tune a ViT.
+
+    validate config -> pick the run dir -> data + model (+ pretrained weights) -> Lightning
+    fit -> test on the held-out split -> results.json
+
+A run writes to its directory: config.yaml (resolved), checkpoints/ (last.ckpt, best-*.ckpt),
+logs/ (the logger's files), train.log, results.json. `ckpt_path=last` continues the newest
+run of the same name in its own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vitexp.checkpoint import load_pretrained, read_checkpoint
+from vitexp.cli import run_cli, single_run_errors, write_atomic
+from vitexp.config import LoggerConfig, TrainConfig, register_configs, validate
+from vitexp.errors import CheckpointError, ConfigError
+from vitexp.models import VisionTransformer
+
+log = logging.getLogger("vitexp")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]:
+    """(directory this run writes to, checkpoint to resume from or None).
+
+    A fresh run refuses a directory that already holds checkpoints or results, so that
+    nothing is overwritten; a resumed run continues in the directory of its checkpoint.
+    """
+    if c.ckpt_path == "last":
+        own = hydra_dir / "checkpoints" / "last.ckpt"
+        found = (
+            [own]
+            if own.is_file()
+            else sorted(
+                hydra_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+            )
+        )
+        if not found:
+            raise ConfigError(
+                f"ckpt_path=last: no checkpoints/last.ckpt in {hydra_dir} or in the runs beside "
+                f"it under {hydra_dir.parent}; nothing to resume (drop ckpt_path to start fresh)"
+            )
+        return found[-1].parent.parent, found[-1]
+    if c.ckpt_path:
+        ckpt = Path(c.ckpt_path)
+        if not ckpt.is_file():
+            raise CheckpointError(f"ckpt_path={ckpt} does not exist")
+        return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else hydra_dir), ckpt
+    existing = [
+        p.name for p in (hydra_dir / "results.json", hydra_dir / "checkpoints") if p.exists()
+    ]
+    if existing and rank_zero_only.rank == 0:
+        raise ConfigError(
+            f"{hydra_dir} already holds a run ({', '.join(existing)}); resume it with "
+            "ckpt_path=last, or start a new run elsewhere (name=... or hydra.run.dir=...)"
+        )
+    return hydra_dir, None
+
+
+def build_logger(cfg: LoggerConfig, run_dir: Path, version: str | None = None):
+    """CSV / TensorBoard / wandb; each resumed attempt gets a new version dir (CSV/TB) or
+    continues the same wandb run (its id is kept in the run dir)."""
+    if cfg.name == "csv":
+        return L.pytorch.loggers.CSVLogger(run_dir, name="logs")
+    if cfg.name == "tensorboard":
+        return L.pytorch.loggers.TensorBoardLogger(run_dir, name="logs")
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        if rank_zero_only.rank == 0:
+            write_atomic(id_file, run_id)
+    if cfg.offline:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return L.pytorch.loggers.WandbLogger(
+        project=cfg.project,
+        entity=cfg.entity,
+        save_dir=str(run_dir),
+        offline=cfg.offline,
+        id=run_id,
+        resume="allow",
+        name=run_dir.name,
+    )
+
+
+def build_trainer(c: TrainConfig, run_dir: Path) -> L.Trainer:
+    t = c.trainer
+    checkpoints = run_dir / "checkpoints"
+    callbacks = [
+        # best validation accuracy, and last.ckpt at every validation (or every n steps)
+        ModelCheckpoint(
+            checkpoints,
+            "best-{step}",
+            monitor="val/acc",
+            mode="max",
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
+        ModelCheckpoint(
+            checkpoints,
+            save_last=True,
+            save_top_k=0,
+            enable_version_counter=False,
+            every_n_train_steps=t.checkpoint_every_n_steps,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    strategy: Any = t.strategy
+    if strategy == "ddp":
+        from datetime import timedelta
+
+        strategy = L.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=t.ddp_timeout_s))
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs if t.max_epochs else (-1 if t.max_steps > 0 else None),
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val or None,
+        gradient_clip_algorithm="norm",
+        deterministic=t.deterministic,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
+        callbacks=callbacks,
+        logger=build_logger(c.logger, run_dir),
+        default_root_dir=run_dir,
+        enable_progress_bar=t.progress_bar,
+        use_distributed_sampler=False,  # the data module shards by rank itself
+    )
+    # keep the global batch whatever the number of devices: accumulate the rest
+    per_step = c.data.batch_size * trainer.world_size
+    if c.data.global_batch_size:
+        if c.data.global_batch_size % per_step:
+            raise ConfigError(
+                f"data.global_batch_size={c.data.global_batch_size} is not a multiple of "
+                f"data.batch_size x devices = {per_step}"
+            )
+        trainer.accumulate_grad_batches = c.data.global_batch_size // per_step
+    return trainer
+
+
+def build_net(c: TrainConfig, num_classes: int) -> VisionTransformer:
+    return VisionTransformer(num_classes=num_classes, **c.model.model_kwargs())
+
+
+def _log_to_file(run_dir: Path) -> None:
+    if rank_zero_only.rank == 0:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+
+
+def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
+    """Validate, train, test; returns what results.json holds."""
+    start = time.time()
+    c = validate(cfg)
+    from vitexp.data import ImageDataModule  # after validation: a bad config fails fast
+    from vitexp.module import ViTModule
+
+    hydra_dir = Path(hydra_dir or HydraConfig.get().runtime.output_dir)
+    run_dir, resume = resolve_run_dir(c, hydra_dir)
+    if resume is not None:
+        read_checkpoint(resume, "ckpt_path")  # a broken or unsafe file stops here, clearly
+    if run_dir != hydra_dir and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+        hydra_dir.rmdir()  # the fresh, empty directory Hydra made for this attempt
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(run_dir)
+    L.seed_everything(c.seed, workers=True, verbose=False)
+
+    data = ImageDataModule(
+        c.data, c.model.model_kwargs()["img_size"], c.model.mean, c.model.std, c.seed
+    )
+    net = build_net(c, c.data.num_classes)
+    pretrained_meta = None
+    if c.stage == "finetune":
+        pretrained_meta = load_pretrained(c.pretrained, net)
+        log.info("fine-tuning from %s at %s", c.pretrained, net.img_size)
+    meta = {
+        "stage": c.stage,
+        "data": c.data.name,
+        "mean": list(c.model.mean),
+        "std": list(c.model.std),
+        "model_name": c.model.name,
+    }
+    module = ViTModule(net, c.optim, c.schedule, c.loss, meta, compile=c.trainer.compile)
+    trainer = build_trainer(c, run_dir)
+    if trainer.is_global_zero:
+        config_file = run_dir / ("config.yaml" if resume is None else "config.resume.yaml")
+        write_atomic(config_file, OmegaConf.to_yaml(_without_hydra(cfg), resolve=True))
+
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    results = {
+        "stage": c.stage,
+        "experiment": _experiment_name(),
+        "name": c.name,
+        "data": c.data.name,
+        "model": c.model.name,
+        "pos_embed": {"kind": c.model.pos_embed.kind, "placement": c.model.pos_embed.placement},
+        "seed": c.seed,
+        "metrics": {k: float(v) for k, v in tested.items()},
+        "best_val_acc": _best_score(trainer),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "best_checkpoint": trainer.checkpoint_callbacks[0].best_model_path or None,
+        "pretrained": c.pretrained,
+        "pretrained_data": (pretrained_meta or {}).get("data"),
+        "resumed_from": str(resume) if resume else None,
+        "wall_time_s": round(time.time() - start, 2),
+        "run_dir": str(run_dir),
+    }
+    if trainer.is_global_zero:
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        acc = results["metrics"].get("test/acc")
+        print(
+            f"{c.stage} on {c.data.name}: test accuracy {acc:.4f} after {results['steps']} steps "
+            f"({results['wall_time_s']:.0f} s) -> {run_dir}/results.json",
+            flush=True,
+        )
+    return results
+
+
+def _best_score(trainer: L.Trainer) -> float | None:
+    score = trainer.checkpoint_callbacks[0].best_model_score
+    return None if score is None else float(score)
+
+
+def _experiment_name() -> str | None:
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("experiment")
+    return None
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    return OmegaConf.create(plain)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@single_run_errors
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra's entry: returns the test accuracy for sweepers."""
+    return run(cfg)["metrics"].get("test/acc")
+
+
+def main() -> None:
+    run_cli(_hydra_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
