@@ -22,6 +22,24 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install vitexp (editable) with dev tools
 
+QUICKSTART := outputs/quickstart_pretrain
+ARGS ?=
+
+pretrain: $(VENV)/.installed  ## pretrain the tiny ViT on `shapes` (dataset A); resumes if interrupted
+	@if [ -f $(QUICKSTART)/results.json ]; then \
+		echo "pretrained model exists: $(QUICKSTART)/checkpoints/last.ckpt (make clean-runs to redo)"; \
+	elif [ -f $(QUICKSTART)/checkpoints/last.ckpt ]; then \
+		$(PY) -m vitexp.train +experiment=quickstart_pretrain ckpt_path=last; \
+	else \
+		$(PY) -m vitexp.train +experiment=quickstart_pretrain; \
+	fi
+
+finetune: pretrain  ## the main job: pretrain if needed, fine-tune on digits (dataset B), print the test accuracy
+	$(PY) -m vitexp.train +experiment=quickstart_finetune $(ARGS)
+
+scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget
+	$(PY) -m vitexp.train +experiment=quickstart_scratch $(ARGS)
+
 test: $(VENV)/.installed  ## run the test suite (fails if no test ran)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -33,11 +51,14 @@ format: $(VENV)/.installed  ## ruff format + autofix
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
-clean:  ## remove caches and run outputs (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache build dist src/*.egg-info
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+clean:  ## remove caches and build files (keeps .venv and every run's outputs)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints included)
+	rm -rf outputs multirun
 
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install test lint format clean distclean
+.PHONY: help install pretrain finetune scratch test lint format clean clean-runs distclean

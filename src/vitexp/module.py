@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
+from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
 
 CHECKPOINT_FORMAT = 1
@@ -150,9 +151,15 @@ class ViTModule(L.LightningModule):
             cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
             optimizer = cls(groups, lr=o.lr, betas=(o.beta1, o.beta2), **fused)
         s = self.schedule_cfg
+        total_steps = self.trainer.estimated_stepping_batches
+        if math.isinf(total_steps):
+            raise ConfigError(
+                "trainer.max_steps is not set and the data has no length (streaming): "
+                "set trainer.max_steps to give the schedule its end"
+            )
         schedule = partial(
             lr_lambda,
-            total_steps=int(self.trainer.estimated_stepping_batches),
+            total_steps=int(total_steps),
             warmup_steps=s.warmup_steps,
             name=s.name,
             end_lr_ratio=s.end_lr_ratio,

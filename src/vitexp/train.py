@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
     return hydra_dir, None
 
 
-def build_logger(cfg: LoggerConfig, run_dir: Path, version: str | None = None):
+def build_logger(cfg: LoggerConfig, run_dir: Path):
     """CSV / TensorBoard / wandb; each resumed attempt gets a new version dir (CSV/TB) or
     continues the same wandb run (its id is kept in the run dir)."""
     if cfg.name == "csv":
@@ -83,9 +84,7 @@ def build_logger(cfg: LoggerConfig, run_dir: Path, version: str | None = None):
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        import wandb
-
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)
         if rank_zero_only.rank == 0:
             write_atomic(id_file, run_id)
     if cfg.offline:
