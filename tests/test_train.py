@@ -129,7 +129,7 @@ def test_finetune_of_another_architecture_is_refused(pretrained: Path, tmp_path:
         )
     with pytest.raises(
         CheckpointError,
-        match=r"model\.pos_embed\.kind=learned_1d but the config has model\.pos_embed\.kind=learned_2d",
+        match=r"pos_embed\.kind=learned_1d but the config has model\.pos_embed\.kind=learned_2d",
     ):
         train(
             tmp_path / "ft2",

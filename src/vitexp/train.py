@@ -214,6 +214,8 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         write_atomic(config_file, OmegaConf.to_yaml(_without_hydra(cfg), resolve=True))
 
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    # the final weights, whatever the checkpoint interval: this is what fine-tuning reads
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     results = {
         "stage": c.stage,
@@ -226,6 +228,10 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in tested.items()},
         "best_val_acc": _best_score(trainer),
         "steps": trainer.global_step,
+        "world_size": trainer.world_size,
+        "global_batch_size": c.data.batch_size
+        * trainer.world_size
+        * trainer.accumulate_grad_batches,
         "epochs": trainer.current_epoch,
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "best_checkpoint": trainer.checkpoint_callbacks[0].best_model_path or None,

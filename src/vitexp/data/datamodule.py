@@ -160,6 +160,9 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=cuda,
             collate_fn=Collate(self.img_size),
+            # the loader's worker seeds come from its own generator, not the global RNG: a
+            # resumed run then draws the same dropout masks as an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
