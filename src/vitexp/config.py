@@ -177,6 +177,21 @@ class LoggerConfig:
 
 
 @dataclass
+class FewshotConfig:
+    """Few-shot linear evaluation on dataset B (the metric of the paper's Table 8), run at
+    every validation of a pretraining and on the final model."""
+
+    enabled: bool = True  # during stage=pretrain
+    data: DataConfig = field(default_factory=DataConfig)  # dataset B (configs: data@fewshot.data)
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # images per class
+    draws: int = 5  # random k-shot sets averaged per k
+    l2_reg: float = 1.0  # ridge penalty on standardised features
+    max_test: int = 2000  # held-out images scored (a fixed seeded subset when larger)
+    report_shot: int = 10  # the k that results.json and the ablation table report
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     stage: str = "pretrain"  # pretrain (on dataset A) | finetune (on dataset B)
     name: str = "run"  # groups runs under outputs/<name>/
@@ -191,6 +206,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
 
 def register_configs() -> None:
@@ -262,39 +278,55 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _fraction("loss.label_smoothing", c.loss.label_smoothing)
     _validate_trainer(c.trainer)
     _one_of("logger.name", c.logger.name, LOGGERS)
+    if c.stage == "pretrain" and c.fewshot.enabled:
+        validate_fewshot(c.fewshot)
     return c
 
 
-def _validate_data(d: DataConfig) -> None:
-    _one_of("data.source", d.source, SOURCES)
-    _one_of("data.on_corrupt", d.on_corrupt, ON_CORRUPT)
+def validate_fewshot(f: FewshotConfig, key: str = "fewshot.data", report: bool = True) -> None:
+    """Check few-shot settings; `report`: also the k reported in results (training only)."""
+    _validate_data(f.data, key)
+    if not f.shots or any(k < 1 for k in f.shots):
+        raise ConfigError(f"fewshot.shots={list(f.shots)} must be a non-empty list of ints >= 1")
+    if report and f.report_shot not in f.shots:
+        raise ConfigError(
+            f"fewshot.report_shot={f.report_shot} is not in fewshot.shots={list(f.shots)}"
+        )
+    _positive("fewshot.draws", f.draws)
+    _positive("fewshot.l2_reg", f.l2_reg)
+    _positive("fewshot.max_test", f.max_test)
+
+
+def _validate_data(d: DataConfig, key: str = "data") -> None:
+    _one_of(f"{key}.source", d.source, SOURCES)
+    _one_of(f"{key}.on_corrupt", d.on_corrupt, ON_CORRUPT)
     if d.num_classes < 2:
-        raise ConfigError(f"data.num_classes={d.num_classes} must be >= 2")
-    _positive("data.batch_size", d.batch_size)
-    _positive("data.global_batch_size", d.global_batch_size)
-    _positive("data.num_workers", d.num_workers, allow_zero=True)
-    _fraction("data.val_fraction", d.val_fraction)
-    _fraction("data.test_fraction", d.test_fraction)
+        raise ConfigError(f"{key}.num_classes={d.num_classes} must be >= 2")
+    _positive(f"{key}.batch_size", d.batch_size)
+    _positive(f"{key}.global_batch_size", d.global_batch_size)
+    _positive(f"{key}.num_workers", d.num_workers, allow_zero=True)
+    _fraction(f"{key}.val_fraction", d.val_fraction)
+    _fraction(f"{key}.test_fraction", d.test_fraction)
     if d.global_batch_size and d.global_batch_size % d.batch_size:
         raise ConfigError(
-            f"data.global_batch_size={d.global_batch_size} is not a multiple of "
-            f"data.batch_size={d.batch_size}"
+            f"{key}.global_batch_size={d.global_batch_size} is not a multiple of "
+            f"{key}.batch_size={d.batch_size}"
         )
     if d.source in ("torchvision", "hf") and not d.dataset:
         raise ConfigError(
-            f"data.dataset is not set; data.source={d.source} needs it "
+            f"{key}.dataset is not set; {key}.source={d.source} needs it "
             "(torchvision: CIFAR10 or CIFAR100; hf: a hub name or a builder such as parquet)"
         )
     if d.source in ("torchvision", "imagefolder") and not d.root:
         raise ConfigError(
-            f"data.root is not set; data.source={d.source} reads the images from there "
-            "(data.root=/path/to/data)"
+            f"{key}.root is not set; {key}.source={d.source} reads the images from there "
+            f"({key}.root=/path/to/data)"
         )
     a = d.augment
     if not 0 < a.scale_min <= 1:
-        raise ConfigError(f"data.augment.scale_min={a.scale_min} must be in (0, 1]")
+        raise ConfigError(f"{key}.augment.scale_min={a.scale_min} must be in (0, 1]")
     if not 0 < a.crop_pct <= 1:
-        raise ConfigError(f"data.augment.crop_pct={a.crop_pct} must be in (0, 1]")
+        raise ConfigError(f"{key}.augment.crop_pct={a.crop_pct} must be in (0, 1]")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -100,7 +100,8 @@ def build_logger(cfg: LoggerConfig, run_dir: Path):
     )
 
 
-def build_trainer(c: TrainConfig, run_dir: Path) -> L.Trainer:
+def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
+    """The Lightning Trainer of a run; `evaluator` adds few-shot evaluation at validation."""
     t = c.trainer
     checkpoints = run_dir / "checkpoints"
     callbacks = [
@@ -122,6 +123,10 @@ def build_trainer(c: TrainConfig, run_dir: Path) -> L.Trainer:
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
+    if evaluator is not None:
+        from vitexp.fewshot import FewShotCallback
+
+        callbacks.append(FewShotCallback(evaluator))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     strategy: Any = t.strategy
@@ -208,15 +213,21 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "model_name": c.model.name,
     }
     module = ViTModule(net, c.optim, c.schedule, c.loss, meta, compile=c.trainer.compile)
-    trainer = build_trainer(c, run_dir)
+    evaluator = None
+    if c.stage == "pretrain" and c.fewshot.enabled:
+        from vitexp.fewshot import FewShotEvaluator
+
+        evaluator = FewShotEvaluator(c.fewshot, net.img_size, c.model.mean, c.model.std)
+    trainer = build_trainer(c, run_dir, evaluator)
     if trainer.is_global_zero:
         config_file = run_dir / ("config.yaml" if resume is None else "config.resume.yaml")
         write_atomic(config_file, OmegaConf.to_yaml(_without_hydra(cfg), resolve=True))
 
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     # the final weights, whatever the checkpoint interval: this is what fine-tuning reads
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
     results = {
         "stage": c.stage,
         "experiment": _experiment_name(),
@@ -226,6 +237,10 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "pos_embed": {"kind": c.model.pos_embed.kind, "placement": c.model.pos_embed.placement},
         "seed": c.seed,
         "metrics": {k: float(v) for k, v in tested.items()},
+        "fewshot": fewshot,
+        "fewshot_report": (
+            f"{c.fewshot.data.name}/{c.fewshot.report_shot}shot" if fewshot else None
+        ),
         "best_val_acc": _best_score(trainer),
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
