@@ -37,6 +37,11 @@ pretrain: $(VENV)/.installed  ## pretrain the tiny ViT on `shapes` (dataset A); 
 finetune: pretrain  ## the main job: pretrain if needed, fine-tune on digits (dataset B), print the test accuracy
 	$(PY) -m vitexp.train +experiment=quickstart_finetune $(ARGS)
 
+sweep: $(VENV)/.installed  ## the position-embedding ablation (paper's Table 8) on embedded data, then its table
+	@dir=$${SWEEP_DIR:-multirun/ablation_posemb/$$(date +%Y-%m-%d_%H-%M-%S)}; \
+	$(PY) -m vitexp.train +experiment=ablation_posemb hydra.sweep.dir=$$dir $(ARGS) && \
+	$(PY) -m vitexp.report $$dir
+
 scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget
 	$(PY) -m vitexp.train +experiment=quickstart_scratch $(ARGS)
 
@@ -61,4 +66,4 @@ clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints incl
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install pretrain finetune scratch test lint format clean clean-runs distclean
+.PHONY: help install pretrain finetune sweep scratch test lint format clean clean-runs distclean

@@ -22,8 +22,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.errors import ConfigError
-from vitexp.models.pos_embed import PosEmbedSpec
+from vitexp.errors import ConfigError, NotApplicableCell
+from vitexp.models.pos_embed import NotApplicableError, PosEmbedSpec
 
 STAGES = ("pretrain", "finetune")
 SOURCES = ("digits", "shapes", "torchvision", "imagefolder", "hf")
@@ -259,7 +259,9 @@ def to_object(cfg: DictConfig) -> TrainConfig:
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
     try:
         return OmegaConf.to_object(merged)
-    except ValueError as err:  # PosEmbedSpec checks its own fields (kind, placement, N/A)
+    except NotApplicableError as err:
+        raise NotApplicableCell(f"model.{err}") from None
+    except ValueError as err:  # PosEmbedSpec checks its own fields (kind, placement)
         raise ConfigError(f"model.{err}") from None
 
 

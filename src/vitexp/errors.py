@@ -13,6 +13,10 @@ class ConfigError(VitexpError):
     """A config value that is wrong, or a combination that cannot work."""
 
 
+class NotApplicableCell(ConfigError):
+    """A position-embedding cell the paper marks N/A; a sweep records it instead of failing."""
+
+
 class DataError(VitexpError):
     """Missing, empty, mismatched or corrupt data."""
 

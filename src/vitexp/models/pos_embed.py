@@ -37,6 +37,10 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 ABSOLUTE_KINDS = ("learned_1d", "learned_2d", "sincos_2d")
 
 
+class NotApplicableError(ValueError):
+    """A Table-8 cell the paper marks N/A (none or relative at an every-layer placement)."""
+
+
 @dataclass
 class PosEmbedSpec:
     """How positions are encoded; also the Hydra `model/pos_embed` config node."""
@@ -56,7 +60,7 @@ class PosEmbedSpec:
                 f"pos_embed.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}"
             )
         if self.kind in STEM_ONLY_KINDS and self.placement != "stem":
-            raise ValueError(
+            raise NotApplicableError(
                 f"pos_embed.kind={self.kind} with placement={self.placement} is an N/A cell of "
                 f"the paper's Table 8: {self.kind} exists only at placement=stem"
             )
