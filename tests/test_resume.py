@@ -119,3 +119,48 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path):
     assert 0.0 <= res["metrics"]["test/acc"] <= 1.0
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
+
+
+SLOWER = [
+    "data.batch_size=64",
+    "model.embed_dim=64",
+    "trainer.max_steps=150",
+    "trainer.val_check_interval=25",
+    "trainer.checkpoint_every_n_steps=null",
+    "data.shapes.num_train=640",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_slower(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("signal") / "whole"
+    finish(start(run_dir, *SLOWER))
+    return results(run_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_at_a_batch_boundary_then_resumes(
+    tmp_path: Path, uninterrupted_slower: dict, sig
+):
+    """Preemption (SIGTERM, or SLURM's early SIGUSR1): the run stops after the current
+    batch, saves last.ckpt there, exits 143 with one line; the resumed run ends as an
+    uninterrupted one."""
+    run_dir = tmp_path / "signalled"
+    proc = start(run_dir, *SLOWER)
+    wait_for_checkpoint(run_dir, 25)  # the validation checkpoint at step 25
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:]
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "stopped by a signal at step" in error[0], out[-2000:]
+    step = int(error[0].split("at step ")[1].split(";")[0])
+    assert step > 25 and step % 25  # saved at the signal, not at a validation
+    assert (
+        torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    )
+    finish(start(run_dir, *SLOWER, "ckpt_path=last"))
+    resumed = results(run_dir)
+    assert resumed["resumed_at_step"] == step and resumed["steps"] == 150
+    for key, value in uninterrupted_slower["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key

@@ -97,7 +97,7 @@ def exit_with(err: BaseException) -> None:
     )
     suffix = "" if user_error else " (HYDRA_FULL_ERROR=1 shows the traceback)"
     print(f"error: {one_line(err)}{suffix}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR if user_error else EXIT_FAILURE)
+    sys.exit(getattr(err, "exit_code", EXIT_USER_ERROR) if user_error else EXIT_FAILURE)
 
 
 def single_run_errors(task: Callable) -> Callable:

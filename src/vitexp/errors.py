@@ -8,6 +8,8 @@ non-zero without a traceback; HYDRA_FULL_ERROR=1 shows the traceback.
 class VitexpError(Exception):
     """A problem the user can fix (bad config, missing data, unusable checkpoint)."""
 
+    exit_code = 2
+
 
 class ConfigError(VitexpError):
     """A config value that is wrong, or a combination that cannot work."""
@@ -23,3 +25,9 @@ class DataError(VitexpError):
 
 class CheckpointError(VitexpError):
     """A checkpoint that is missing, broken, untrusted or of another architecture."""
+
+
+class Interrupted(VitexpError):
+    """The run stopped for a signal (SIGTERM, preemption) after saving its checkpoint."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a terminated process

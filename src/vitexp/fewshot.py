@@ -135,7 +135,13 @@ class FewShotEvaluator:
         self._data = dm
 
     def evaluate(self, model: VisionTransformer) -> dict[str, float]:
-        """{"<dataset>/<k>shot": mean accuracy over the draws} for every k."""
+        """{"<dataset>/<k>shot": mean accuracy over the draws} for every k. Leaves the global
+        RNG as it found it, so that evaluating (or not, after a resume) never changes the
+        dropout masks of the training that follows."""
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(model)
+
+    def _evaluate(self, model: VisionTransformer) -> dict[str, float]:
         self._prepare()
         batch = self.cfg.data.batch_size
         needed = np.unique(np.concatenate([d for draws in self.draws.values() for d in draws]))

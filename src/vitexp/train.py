@@ -24,13 +24,16 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp.callbacks import LastCheckpoint, PreemptionCheckpoint, requeue_count, slurm_job_id
 from vitexp.checkpoint import load_pretrained, read_checkpoint
 from vitexp.cli import one_line, run_cli, single_run_errors, write_atomic
 from vitexp.config import LoggerConfig, TrainConfig, register_configs, validate
-from vitexp.errors import CheckpointError, ConfigError, NotApplicableCell
+from vitexp.errors import CheckpointError, ConfigError, Interrupted, NotApplicableCell
 from vitexp.models import VisionTransformer
 
 log = logging.getLogger("vitexp")
@@ -43,6 +46,10 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
     A fresh run refuses a directory that already holds checkpoints or results, so that
     nothing is overwritten; a resumed run continues in the directory of its checkpoint.
     """
+    last = hydra_dir / "checkpoints" / "last.ckpt"
+    if c.ckpt_path is None and requeue_count() > 0 and last.is_file():
+        log.info("requeued SLURM job: resuming from %s", last)
+        return hydra_dir, last
     if c.ckpt_path == "last":
         own = hydra_dir / "checkpoints" / "last.ckpt"
         found = (
@@ -64,7 +71,9 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
             raise CheckpointError(f"ckpt_path={ckpt} does not exist")
         return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else hydra_dir), ckpt
     existing = [
-        p.name for p in (hydra_dir / "results.json", hydra_dir / "checkpoints") if p.exists()
+        p.name
+        for p in [hydra_dir / "results.json", *hydra_dir.glob("checkpoints/*.ckpt")]
+        if p.exists()
     ]
     if existing and rank_zero_only.rank == 0:
         raise ConfigError(
@@ -106,7 +115,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
     t = c.trainer
     checkpoints = run_dir / "checkpoints"
     callbacks = [
-        # best validation accuracy, and last.ckpt at every validation (or every n steps)
+        # best validation accuracy; last.ckpt at every validation and every n steps
         ModelCheckpoint(
             checkpoints,
             "best-{step}",
@@ -115,14 +124,9 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
             save_top_k=1,
             enable_version_counter=False,
         ),
-        ModelCheckpoint(
-            checkpoints,
-            save_last=True,
-            save_top_k=0,
-            enable_version_counter=False,
-            every_n_train_steps=t.checkpoint_every_n_steps,
-        ),
+        LastCheckpoint(checkpoints / "last.ckpt", t.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
+        PreemptionCheckpoint(checkpoints / "last.ckpt"),
     ]
     if evaluator is not None:
         from vitexp.fewshot import FewShotCallback
@@ -157,6 +161,8 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         default_root_dir=run_dir,
         enable_progress_bar=t.progress_bar,
         use_distributed_sampler=False,  # the data module shards by rank itself
+        # under SLURM, requeueing is submitit's or vitexp's (see vitexp.callbacks)
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
     )
     # keep the global batch whatever the number of devices: accumulate the rest
     per_step = c.data.batch_size * trainer.world_size
@@ -189,9 +195,13 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     from vitexp.module import ViTModule
 
     hydra_dir = Path(hydra_dir or HydraConfig.get().runtime.output_dir)
+    if requeue_count() > 0 and (hydra_dir / "results.json").is_file():
+        log.info("requeued SLURM job had finished: %s/results.json", hydra_dir)
+        return json.loads((hydra_dir / "results.json").read_text())
     run_dir, resume = resolve_run_dir(c, hydra_dir)
-    if resume is not None:
-        read_checkpoint(resume, "ckpt_path")  # a broken or unsafe file stops here, clearly
+    resumed_step = None
+    if resume is not None:  # a broken or unsafe file stops here, clearly
+        resumed_step = int(read_checkpoint(resume, "ckpt_path").get("global_step", 0))
     if run_dir != hydra_dir and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
         hydra_dir.rmdir()  # the fresh, empty directory Hydra made for this attempt
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,9 +234,13 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         config_file = run_dir / ("config.yaml" if resume is None else "config.resume.yaml")
         write_atomic(config_file, OmegaConf.to_yaml(_without_hydra(cfg), resolve=True))
 
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-    # the final weights, whatever the checkpoint interval: this is what fine-tuning reads
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        raise Interrupted(
+            f"stopped by a signal at step {trainer.global_step}; {run_dir}/checkpoints/last.ckpt "
+            "holds that step: resume with ckpt_path=last (a requeued SLURM job resumes by itself)"
+        ) from None
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
     results = {
@@ -255,6 +269,9 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "pretrained": c.pretrained,
         "pretrained_data": (pretrained_meta or {}).get("data"),
         "resumed_from": str(resume) if resume else None,
+        "resumed_at_step": resumed_step,
+        "slurm_job_id": slurm_job_id(),
+        "slurm_restarts": requeue_count(),
         "wall_time_s": round(time.time() - start, 2),
         "run_dir": str(run_dir),
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],

@@ -1,0 +1,135 @@
+"""When checkpoints/last.ckpt is written: at every validation, every n training steps, and
+when the cluster signals a preemption (then the job is requeued).
+
+Preemption, who does what (one owner each, so that nothing is requeued twice):
+
+- Lightning notices SIGTERM and stops at the end of the current training batch
+  (`SIGTERMException`); vitexp's `PreemptionCheckpoint` turns SIGUSR1 / SIGUSR2 (the
+  signals SLURM sends ahead of a time limit or preemption: `--signal=USR1@120`, submitit's
+  USR2) into that same stop, and saves `checkpoints/last.ckpt` there: the state of a whole
+  batch, so the resumed run continues exactly.
+- Requeueing belongs to submitit when the job came through `hydra/launcher=slurm` (its
+  USR2 handler is called after the save: it requeues and exits); under plain `sbatch`,
+  vitexp runs `scontrol requeue` itself. Lightning's own SLURM auto-requeue (which saves in
+  the middle of a step) is switched off.
+- A requeued job (SLURM_RESTART_COUNT > 0) resumes from its run directory's last.ckpt
+  without being told (`vitexp.train.resolve_run_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("vitexp")
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes (array task ids included), or None outside SLURM."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None:
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_count() -> int:
+    """How many times SLURM has requeued this job (0 outside SLURM)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+class LastCheckpoint(L.Callback):
+    """last.ckpt at the end of every validation, every `every_n_steps` training steps and at
+    the end of training (Lightning's ModelCheckpoint writes `last` only with a top-k save)."""
+
+    def __init__(self, path: Path, every_n_steps: int | None = None) -> None:
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)  # the final weights, whatever the intervals: fine-tuning reads them
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Save last.ckpt when a signal stops the run; then hand a preemption signal on.
+
+    The save happens at the first of Lightning's own checkpoint points after the signal (end
+    of the training batch, of the epoch, of a validation), whose state Lightning restores
+    exactly; the exception handler saves only if the run stopped before reaching one.
+    """
+
+    def __init__(self, last_ckpt: Path) -> None:
+        self.last_ckpt = Path(last_ckpt)
+        self.received: int | None = None
+        self.saved_step: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        log.warning("received %s: stopping after this batch", signal.Signals(signum).name)
+        self.received = signum
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's graceful stop at a batch boundary
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.last_ckpt, weights_only=False)
+            self.saved_step = trainer.global_step
+            log.warning("saved %s at step %d", self.last_ckpt, trainer.global_step)
+
+    def _save_if_stopping(self, trainer: L.Trainer) -> None:
+        if trainer.received_sigterm and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self._save_if_stopping(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_if_stopping(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._save_if_stopping(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        self._save(trainer)  # a no-op when a checkpoint point above already saved this step
+        if self.received is None:
+            return  # a plain SIGTERM: the caller reports it and exits
+        previous = self._previous.get(self.received)
+        if callable(previous):  # submitit's handler: requeue this job, then exit
+            previous(self.received, None)
+        elif trainer.is_global_zero and slurm_job_id():
+            job = slurm_job_id()
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode == 0:
+                log.warning("requeued SLURM job %s", job)
+            else:
+                log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
