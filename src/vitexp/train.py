@@ -237,10 +237,14 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
-        raise Interrupted(
+        message = (
             f"stopped by a signal at step {trainer.global_step}; {run_dir}/checkpoints/last.ckpt "
             "holds that step: resume with ckpt_path=last (a requeued SLURM job resumes by itself)"
-        ) from None
+        )
+        if slurm_job_id():  # SLURM requeues or cancels the job: leave no result for submitit
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(Interrupted.exit_code)
+        raise Interrupted(message) from None
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
     results = {
