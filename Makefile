@@ -45,8 +45,11 @@ sweep: $(VENV)/.installed  ## the position-embedding ablation (paper's Table 8) 
 scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget
 	$(PY) -m vitexp.train +experiment=quickstart_scratch $(ARGS)
 
-test: $(VENV)/.installed  ## run the test suite (fails if no test ran)
+test: $(VENV)/.installed  ## run the test suite (fails if no test ran); SLURM tests need root
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed  ## the tests without the slow end-to-end, resume and SLURM ones
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff check + format check
 	$(VENV)/bin/ruff check src tests
@@ -66,4 +69,4 @@ clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints incl
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install pretrain finetune sweep scratch test lint format clean clean-runs distclean
+.PHONY: help install pretrain finetune sweep scratch test test-fast lint format clean clean-runs distclean

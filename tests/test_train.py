@@ -15,6 +15,8 @@ from vitexp.errors import CheckpointError, ConfigError
 from vitexp.models import VisionTransformer
 from vitexp.train import build_trainer, run
 
+from conftest import VALID_CELLS
+
 TINY = [
     "data=shapes",
     "data.num_classes=8",
@@ -81,17 +83,7 @@ def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):
     assert ckpt["state_dict"]["net.head.weight"].shape == (10, 32)
 
 
-CELLS = [
-    ("none", "stem"),
-    ("learned_1d", "stem"),
-    ("learned_1d", "every_layer"),
-    ("learned_1d", "every_layer_shared"),
-    ("learned_2d", "stem"),
-    ("learned_2d", "every_layer"),
-    ("learned_2d", "every_layer_shared"),
-    ("relative", "stem"),
-    ("sincos_2d", "every_layer"),
-]
+CELLS = [*VALID_CELLS, ("sincos_2d", "every_layer")]
 
 
 @pytest.mark.parametrize("kind,placement", CELLS)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitexp.models.patch_embed import PatchEmbed, Size2d, to_2tuple
+from vitexp.models.patch_embed import PatchEmbed, Size2d, check_input_size, to_2tuple
 
 STRIDE = 16  # stem (4) x stage strides (1, 2, 2)
 LAYERS = (3, 4, 9)
@@ -136,9 +136,5 @@ class HybridEmbed(nn.Module):
         self.img_size = img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input is {tuple(x.shape[-2:])} but the model is built for {self.img_size}; "
-                "call model.resize(img_size) first"
-            )
+        check_input_size(x, self.img_size)
         return self.embed(self.backbone(x))

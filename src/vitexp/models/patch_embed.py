@@ -44,6 +44,15 @@ def patch_grid(img_size: Size2d, patch_size: Size2d, stride: Size2d) -> Size2d:
     return (grid[0], grid[1])
 
 
+def check_input_size(x: torch.Tensor, img_size: Size2d) -> None:
+    """Position embeddings are built for one grid: say so instead of failing on a shape."""
+    if tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f"input is {tuple(x.shape[-2:])} but the model is built for {tuple(img_size)}; "
+            "call model.resize(img_size) first"
+        )
+
+
 class PatchEmbed(nn.Module):
     """Image (B, C, H, W) -> patch tokens (B, N, D), N = rows x cols in row-major order."""
 
@@ -73,10 +82,6 @@ class PatchEmbed(nn.Module):
         self.img_size = img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input is {tuple(x.shape[-2:])} but the model is built for {self.img_size}; "
-                "call model.resize(img_size) first"
-            )
+        check_input_size(x, self.img_size)
         x = self.proj(x)  # (B, D, rows, cols)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
