@@ -27,7 +27,8 @@ from vitexp.config import AugmentConfig, ShapesConfig
 from vitexp.data import ImageDataModule, build_transforms
 from vitexp.data import shapes as shapes_lib
 from vitexp.data.datamodule import EpochSampler
-from vitexp.data.sources import ImageDecoder, holdout, to_rgb
+from vitexp.data.images import ImageDecoder, to_rgb
+from vitexp.data.sources import holdout
 from vitexp.errors import DataError
 
 MEAN0, STD1 = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from vitexp.config import SOURCES, DataConfig
-from vitexp.data import sources
+from vitexp.data import hf, images, sources
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
 
@@ -96,11 +96,11 @@ class ImageDataModule(L.LightningDataModule):
             return sources.load_shapes(cfg, self.img_size)
         if source == "torchvision":
             return sources.load_torchvision(cfg)
-        decoder = sources.ImageDecoder(cfg.on_corrupt, self._decode_size())
+        decoder = images.ImageDecoder(cfg.on_corrupt, self._decode_size())
         if source == "imagefolder":
             return sources.load_imagefolder(cfg, decoder)
         if source == "hf":
-            return sources.load_hf(cfg, decoder)
+            return hf.load_hf(cfg, decoder)
         raise DataError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
 
     def _decode_size(self) -> int:
@@ -170,7 +170,7 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = self._rank()
         kw = self._loader_kwargs()
         transform = self._transform(train=True)
-        if isinstance(ds, sources.StreamSplit):
+        if isinstance(ds, hf.StreamSplit):
             stream = TransformedStream(ds.configure(rank, world, self.seed), transform)
             # workers keep their copy of the dataset: persistent ones would miss set_epoch
             return TrainLoader(stream, world, drop_last=True, persistent_workers=False, **kw)
@@ -199,7 +199,7 @@ class ImageDataModule(L.LightningDataModule):
         ds = self._split(split)
         rank, world = self._rank()
         transform = self._transform(train=False)
-        if isinstance(ds, sources.StreamSplit):
+        if isinstance(ds, hf.StreamSplit):
             data: Dataset = TransformedStream(ds.configure(rank, world, None), transform)
             return Loader(data, **self._loader_kwargs())
         if len(ds) == 0:
@@ -248,7 +248,7 @@ class Transformed(Dataset):
 class TransformedStream(IterableDataset):
     """A StreamSplit with a transform seeded per sample."""
 
-    def __init__(self, stream: sources.StreamSplit, transform) -> None:
+    def __init__(self, stream: hf.StreamSplit, transform) -> None:
         self.stream, self.transform = stream, transform
 
     @property
