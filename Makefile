@@ -42,6 +42,9 @@ sweep: $(VENV)/.installed  ## the position-embedding ablation (paper's Table 8) 
 	$(PY) -m vitexp.train +experiment=ablation_posemb hydra.sweep.dir=$$dir $(ARGS) && \
 	$(PY) -m vitexp.report $$dir
 
+visualize: pretrain  ## the paper's four figures of the quickstart checkpoint -> outputs/quickstart_pretrain/figures/
+	$(PY) -m vitexp.visualize pretrained=$(QUICKSTART)/checkpoints/last.ckpt $(ARGS)
+
 scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget
 	$(PY) -m vitexp.train +experiment=quickstart_scratch $(ARGS)
 
@@ -69,4 +72,4 @@ clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints incl
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install pretrain finetune sweep scratch test test-fast lint format clean clean-runs distclean
+.PHONY: help install pretrain finetune sweep visualize scratch test test-fast lint format clean clean-runs distclean

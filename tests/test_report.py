@@ -105,6 +105,7 @@ def test_full_grid_typed_on_the_command_line_skips_na_cells(tmp_path: Path):
             "trainer.val_check_interval=2",
             "trainer.check_val_every_n_epoch=null",
             "trainer.progress_bar=false",
+            "figures=false",
             "fewshot.shots=[1,10]",
             "fewshot.draws=1",
             f"hydra.sweep.dir={sweep}",

@@ -34,6 +34,7 @@ RUN = [
     "trainer.checkpoint_every_n_steps=3",
     "trainer.progress_bar=false",
     "schedule.warmup_steps=4",
+    "figures=false",
 ]
 pytestmark = pytest.mark.slow
 

@@ -31,6 +31,7 @@ TINY = [
     "fewshot.shots=[1,5]",
     "fewshot.report_shot=5",
     "fewshot.draws=1",
+    "figures=false",
     "hydra/launcher=slurm",
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=2",

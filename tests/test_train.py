@@ -34,6 +34,7 @@ TINY = [
     "trainer.progress_bar=false",
     "trainer.log_every_n_steps=1",
     "schedule.warmup_steps=1",
+    "figures=false",  # drawn once, in the pretraining fixture
 ]
 FINETUNE = [
     "stage=finetune",
@@ -55,7 +56,7 @@ def train(run_dir: Path, *overrides: str) -> dict:
 def pretrained(tmp_path_factory) -> Path:
     """A quickstart-shaped pretraining run on shapes (32 px), shared by the tests below."""
     run_dir = tmp_path_factory.mktemp("runs") / "pre"
-    train(run_dir, "+experiment=quickstart_pretrain", *TINY)
+    train(run_dir, "+experiment=quickstart_pretrain", *TINY, "figures=true")
     return run_dir
 
 
@@ -72,6 +73,14 @@ def test_pretrain_writes_config_checkpoints_logs_results(pretrained: Path):
     ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["vitexp"]["grid_size"] == (8, 8) and ckpt["vitexp"]["num_prefix_tokens"] == 1
     assert ckpt["global_step"] == 4
+    figures = {p.name for p in (pretrained / "figures").iterdir()}
+    assert {
+        "attention_maps.png",
+        "embedding_filters.png",
+        "pos_embed_similarity.png",
+        "attention_distance.png",
+        "figures.json",
+    } <= figures
 
 
 def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):

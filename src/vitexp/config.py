@@ -199,6 +199,7 @@ class TrainConfig:
     pretrained: str | None = None  # finetune: vitexp checkpoint or timm-format weight file
     ckpt_path: str | None = None  # resume: a .ckpt path, or `last`
     output_root: str = "outputs"
+    figures: bool = True  # pretraining: the paper's four figures at the end (vitexp.visualize)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -132,6 +132,10 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         from vitexp.fewshot import FewShotCallback
 
         callbacks.append(FewShotCallback(evaluator))
+    if c.stage == "pretrain" and c.figures:
+        from vitexp.visualize import FiguresCallback
+
+        callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     strategy: Any = t.strategy

@@ -1,0 +1,2 @@
+"""Computations (`compute`), drawing (`plots`) and input images (`images`) behind
+`vitexp.visualize`, the paper's figures."""
