@@ -22,8 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from vitexp.cli import write_atomic
 from vitexp.errors import CheckpointError, ConfigError
 from vitexp.models import VisionTransformer
 from vitexp.models.pos_embed import describe
@@ -219,28 +218,13 @@ def make_figures(
     return pngs, report
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; figures are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_figures(out_dir: Path, pngs: dict[str, bytes], report: dict[str, Any]) -> list[Path]:
     """Write the PNGs and figures.json (one top-level key per line) atomically."""
     out_dir = Path(out_dir)
     for name, data in pngs.items():
-        _write_bytes_atomic(out_dir / name, data)
+        write_atomic(out_dir / name, data)
     lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in report.items())
-    _write_bytes_atomic(out_dir / "figures.json", ("{\n" + lines + "\n}\n").encode())
+    write_atomic(out_dir / "figures.json", "{\n" + lines + "\n}\n")
     return [out_dir / name for name in (*pngs, "figures.json")]
 
 
