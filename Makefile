@@ -48,6 +48,10 @@ visualize: pretrain  ## the paper's four figures of the quickstart checkpoint ->
 scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget
 	$(PY) -m vitexp.train +experiment=quickstart_scratch $(ARGS)
 
+bench: $(VENV)/.installed  ## speed and memory vs timm (CPU; GPU when present) and the data pipeline -> outputs/bench.json
+	@mkdir -p outputs
+	$(PY) -m vitexp.bench --out outputs/bench.json $(ARGS)
+
 test: $(VENV)/.installed  ## run the test suite (fails if no test ran); SLURM tests need root
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -72,4 +76,4 @@ clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints incl
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install pretrain finetune sweep visualize scratch test test-fast lint format clean clean-runs distclean
+.PHONY: help install pretrain finetune sweep visualize scratch bench test test-fast lint format clean clean-runs distclean

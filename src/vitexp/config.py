@@ -128,6 +128,7 @@ class OptimConfig:
     beta2: float = 0.999
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
+    fused: bool = True  # PyTorch's fused optimizer kernel (CPU and CUDA); false: per-tensor loop
 
 
 @dataclass

@@ -40,6 +40,17 @@ def lr_lambda(
     return end_lr_ratio + (1.0 - end_lr_ratio) * decay
 
 
+def build_optimizer(groups: list[dict[str, Any]], o: OptimConfig) -> torch.optim.Optimizer:
+    """The configured optimizer with PyTorch's fused kernel (one kernel for all parameters,
+    on CPU and CUDA; `optim.fused=false` for the per-parameter loop): same update, less
+    time per step."""
+    fused = {"fused": o.fused}
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fused)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=(o.beta1, o.beta2), **fused)
+
+
 def sigmoid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The paper's pretraining loss: independent sigmoids, summed over classes."""
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
@@ -142,14 +153,7 @@ class ViTModule(L.LightningModule):
         ]
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        groups = self.parameter_groups()
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        if o.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-        else:
-            cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-            optimizer = cls(groups, lr=o.lr, betas=(o.beta1, o.beta2), **fused)
+        optimizer = build_optimizer(self.parameter_groups(), self.optim_cfg)
         s = self.schedule_cfg
         total_steps = self.trainer.estimated_stepping_batches
         if math.isinf(total_steps):

@@ -294,13 +294,14 @@ class RelativePositionBias(nn.Module):
         return index
 
     def forward(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """q: (B, heads, T, head_dim) -> bias (B, heads, T, T)."""
+        """q: (B, heads, Tq, head_dim), the queries of the first Tq tokens -> bias
+        (B, heads, Tq, T)."""
         table = self.offset_embed
         if self.special_embed is not None:
             table = torch.cat([table, self.special_embed], dim=0)
         table = table.to(q.dtype)
-        logits = (q * scale) @ table.t()  # (B, heads, T, R): the query against every offset
-        index = self.index.expand(*q.shape[:2], -1, -1)
+        logits = (q * scale) @ table.t()  # (B, heads, Tq, R): the query against every offset
+        index = self.index[: q.shape[2]].expand(*q.shape[:2], -1, -1)
         return logits.gather(-1, index)
 
     @torch.no_grad()

@@ -53,12 +53,21 @@ class Attention(nn.Module):
         self.rel_pos = rel_pos
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, T, D) -> (B, Tq, D): the outputs of the first `num_queries` tokens (all
+        by default), each attending to all T tokens."""
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
-        bias = self.rel_pos(q, self.scale) if self.rel_pos is not None else None  # (B,h,T,T)
+        if num_queries is None:
+            qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        else:  # queries for the first tokens only; keys and values for all of them
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :num_queries], w[:D], None if b is None else b[:D])
+            q = q.reshape(B, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(x, w[D:], None if b is None else b[D:])
+            k, v = kv.reshape(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.rel_pos(q, self.scale) if self.rel_pos is not None else None  # (B,h,Tq,T)
         drop = self.attn_drop if self.training else 0.0
         if return_attention:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
@@ -69,7 +78,7 @@ class Attention(nn.Module):
         else:
             attn = None
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-        x = x.transpose(1, 2).reshape(B, T, D)
+        x = x.transpose(1, 2).reshape(B, q.shape[2], D)
         return self.proj_drop(self.proj(x)), attn
 
 
@@ -110,10 +119,11 @@ class Block(nn.Module):
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention)
-        x = x + self.drop_path(y)
+        """Outputs for the first `num_queries` tokens (all by default)."""
+        y, attn = self.attn(self.norm1(x), return_attention, num_queries)
+        x = x[:, :num_queries] + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, attn
 
@@ -174,11 +184,14 @@ class Encoder(nn.Module):
         return self.pos_drop(x) if layer == 0 else x
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, keep: int | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode the tokens; with `keep`, the last block computes the outputs of the first
+        `keep` tokens only (their keys and values still come from every token)."""
         maps = []
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, attn = block(self.add_position(x, i), return_attention)
+            x, attn = block(self.add_position(x, i), return_attention, keep if i == last else None)
             if return_attention:
                 maps.append(attn)
         return self.norm(x), maps
@@ -349,7 +362,11 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Logits. With the class token, only its output reaches the head, so the last block
+        computes its query, attention output and MLP for the class token alone: the same
+        logits as `forward_head(forward_features(x))` for about 1/depth less compute."""
+        keep = 1 if self.pool == "cls" else None
+        return self.forward_head(self.encoder(self.embed(x), keep=keep)[0])
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,618 @@
+"""Speed and memory benchmark: vitexp's ViT against timm's, in one process.
+
+    python -m vitexp.bench [--suite cpu|gpu|all] [--repeats 5] [--out bench.json]
+
+For each case both models are built for the same architecture and precision: where timm
+has the variant, vitexp's model is converted from timm's (`from_timm`), so both compute the
+same logits (checked, the difference is in `bench.json`); where it has not (2-D, relative,
+every-layer embeddings, sin-cos), timm's 1-D model of the same size is the reference and the
+ratio is the variant's cost. The two are timed alternately (ABAB..., the first one
+alternating) and repeatedly; the table gives medians, `bench.json` every repeat.
+
+Measured per case: a training step (forward, loss, backward, optimizer step; images/s),
+inference (images/s) and the peak memory of a training step above the resting model
+(CUDA: allocator peak; CPU: peak resident set, measured with /proc/self/clear_refs).
+vitexp's side is what `vitexp.train` runs: its optimizer (fused AdamW) and, on GPU, bf16
+autocast and torch.compile; timm's side is a plain loop with the same precision and
+compile switches and PyTorch's default AdamW. `lightning` times the full
+`vitexp.train` training step (the LightningModule inside Lightning's loop, callbacks and
+logging included) for the headline case, and `data` the JPEG image-folder pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vitexp.config import OptimConfig
+from vitexp.models import VisionTransformer
+from vitexp.models.convert import from_timm
+from vitexp.module import build_optimizer
+
+# Dense bf16 peak FLOP/s per device, for model FLOPs utilisation (vendor data sheets).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+SIZES = {  # timm names of the sizes: width, depth, heads, patch
+    "debug": dict(embed_dim=64, depth=4, num_heads=4, patch_size=4),
+    "S/16": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16),
+    "B/16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One architecture to time: size, resolution, batch and the Table-8 variant."""
+
+    size: str
+    img_size: int
+    batch: int
+    kind: str = "learned_1d"
+    placement: str = "stem"
+    pool: str = "cls"
+    stem: str = "patch"
+    num_classes: int = 1000
+
+    @property
+    def name(self) -> str:
+        variant = {"learned_1d": "1-D", "learned_2d": "2-D"}.get(self.kind, self.kind)
+        parts = [f"{self.size}@{self.img_size}", variant, self.placement.replace("_", "-")]
+        parts += [self.pool] + (["hybrid R50"] if self.stem == "r50" else [])
+        return " ".join(parts)
+
+    @property
+    def timm_has_it(self) -> bool:
+        """timm's ViT computes exactly this variant (else its 1-D model is the reference)."""
+        return self.kind in ("learned_1d", "none") and self.placement == "stem"
+
+
+@dataclass
+class Setup:
+    """How a suite runs: device, precision, compile."""
+
+    device: str = "cpu"
+    dtype: str = "float32"  # autocast dtype; float32 means no autocast
+    compile: bool = False
+    steps: int = 3  # timed steps per repeat
+    warmup: int = 2
+    repeats: int = 5
+
+
+@dataclass
+class Result:
+    case: str
+    reference: str
+    train_ips: dict[str, list[float]] = field(default_factory=dict)  # impl -> per repeat
+    infer_ips: dict[str, list[float]] = field(default_factory=dict)
+    peak_mem_mb: dict[str, list[float]] = field(default_factory=dict)
+    max_abs_logit_diff: float | None = None
+
+    def ratio(self, what: str) -> float:
+        values = getattr(self, what)
+        return statistics.median(values["vitexp"]) / statistics.median(values["timm"])
+
+    def spread(self, what: str, impl: str) -> float:
+        """Relative spread (max - min) / median across repeats."""
+        values = getattr(self, what)[impl]
+        return (max(values) - min(values)) / statistics.median(values)
+
+
+def cpu_cases(quick: bool = False) -> list[Case]:
+    """fp32 on CPU: the debug model with every variant, ViT-S/16 at 224 with cls and GAP."""
+    debug = dict(size="debug", img_size=32, batch=128, num_classes=32)
+    cases = [
+        Case(**debug),
+        Case(**debug, pool="gap"),
+        Case(**debug, kind="none"),
+        Case(**debug, kind="learned_2d"),
+        Case(**debug, kind="relative"),
+        Case(**debug, kind="sincos_2d"),
+        Case(**debug, placement="every_layer"),
+        Case(**debug, placement="every_layer_shared"),
+        Case(**debug, kind="learned_2d", placement="every_layer"),
+        Case(size="debug", img_size=64, batch=32, num_classes=32, stem="r50"),
+        Case(size="S/16", img_size=224, batch=16),
+        Case(size="S/16", img_size=224, batch=16, pool="gap"),
+    ]
+    return cases[:1] + cases[-2:-1] if quick else cases
+
+
+def gpu_cases() -> list[Case]:
+    """bf16 on one GPU: ViT-B/16 at 224 (the paper's size), cls and GAP, and the variants."""
+    base = dict(size="B/16", img_size=224, batch=256)
+    return [
+        Case(**base),
+        Case(**base, pool="gap"),
+        Case(**base, kind="learned_2d"),
+        Case(**base, kind="relative"),
+        Case(**base, placement="every_layer"),
+        Case(size="S/16", img_size=224, batch=256),
+    ]
+
+
+# --- models ----------------------------------------------------------------------------------
+def build_timm(case: Case) -> nn.Module:
+    """timm's ViT of the case's size: the same variant where timm has it, else 1-D/stem."""
+    from timm.models import vision_transformer as tv
+
+    kwargs = dict(
+        SIZES[case.size],
+        img_size=case.img_size,
+        num_classes=case.num_classes,
+        global_pool="token" if case.pool == "cls" else "avg",
+        class_token=case.pool == "cls",
+        fc_norm=False,
+        pos_embed="none" if case.kind == "none" else "learn",
+    )
+    if case.stem == "r50":
+        from timm.models.vision_transformer_hybrid import HybridEmbed, _resnetv2
+
+        backbone = _resnetv2((3, 4, 9))
+        kwargs["embed_layer"] = lambda **kw: HybridEmbed(backbone=backbone, **kw)
+        kwargs["patch_size"] = 1
+    return tv.VisionTransformer(**kwargs)
+
+
+def build_vitexp(case: Case, timm_model: nn.Module) -> VisionTransformer:
+    """vitexp's model: timm's weights converted where timm has the variant."""
+    if case.timm_has_it and case.stem == "patch":
+        return from_timm(timm_model)
+    s = SIZES[case.size]
+    return VisionTransformer(
+        img_size=case.img_size,
+        patch_size=1 if case.stem == "r50" else s["patch_size"],
+        num_classes=case.num_classes,
+        embed_dim=s["embed_dim"],
+        depth=s["depth"],
+        num_heads=s["num_heads"],
+        pool=case.pool,
+        pos_embed={"kind": case.kind, "placement": case.placement},
+        stem=case.stem,
+    )
+
+
+def default_adamw(params) -> torch.optim.Optimizer:
+    """What a plain training loop over timm's model uses: PyTorch's AdamW, default kernel."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+# --- timing and memory -----------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Peak memory (MB) above the level at entry: the CUDA allocator's peak, or on CPU the
+    resident set's high-water mark (reset through /proc/self/clear_refs after returning
+    freed heap to the OS, so that both implementations start from the same floor)."""
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        synchronize(device)
+        out["mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _proc_status_kb("VmRSS")
+    except OSError:
+        base = None
+    yield out
+    if base is not None:
+        out["mb"] = (_proc_status_kb("VmHWM") - base) / 1024
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+class Runner:
+    """One implementation of a case: its model, optimizer and the two timed functions."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        case: Case,
+        setup: Setup,
+    ) -> None:
+        self.device = torch.device(setup.device)
+        self.model = model
+        self.optimizer = optimizer
+        self.autocast = torch.autocast(
+            self.device.type,
+            dtype=getattr(torch, setup.dtype),
+            enabled=setup.dtype != "float32",
+        )
+        self.forward = torch.compile(model) if setup.compile else model
+        g = torch.Generator().manual_seed(0)
+        shape = (case.batch, 3, case.img_size, case.img_size)
+        self.images = torch.randn(shape, generator=g).to(self.device)
+        self.labels = torch.randint(0, case.num_classes, (case.batch,), generator=g).to(self.device)
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = F.cross_entropy(self.forward(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.inference_mode()
+    def infer_step(self) -> None:
+        self.model.eval()
+        with self.autocast:
+            self.forward(self.images)
+
+    def images_per_s(self, step: Callable[[], None], steps: int) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(self.device)
+        return steps * len(self.images) / (time.perf_counter() - start)
+
+    def peak_train_mb(self) -> float | None:
+        with peak_memory(self.device) as mem:
+            self.train_step()
+        return mem.get("mb")
+
+
+def make_runners(case: Case, setup: Setup) -> tuple[dict[str, Runner], float | None]:
+    """Both implementations, on the device, with the logits difference when equivalent."""
+    device = torch.device(setup.device)
+    torch.manual_seed(0)
+    timm_model = build_timm(case)
+    ours = build_vitexp(case, timm_model)
+    diff = None
+    if case.timm_has_it and case.stem == "patch":
+        x = torch.randn(2, 3, case.img_size, case.img_size)
+        with torch.no_grad():
+            nn.init.normal_(timm_model.head.weight, std=0.02)  # zero heads prove nothing
+            ours.head.weight.copy_(timm_model.head.weight)
+            diff = (ours.eval()(x) - timm_model.eval()(x)).abs().max().item()
+    timm_model, ours = timm_model.to(device), ours.to(device)
+    ours_optim = build_optimizer(
+        [{"params": list(ours.parameters())}], OptimConfig(lr=1e-3, weight_decay=0.05)
+    )
+    runners = {
+        "vitexp": Runner(ours, ours_optim, case, setup),
+        "timm": Runner(timm_model, default_adamw(timm_model.parameters()), case, setup),
+    }
+    return runners, diff
+
+
+def bench_case(case: Case, setup: Setup, log: Callable[[str], None] = print) -> Result:
+    runners, diff = make_runners(case, setup)
+    reference = "timm (same variant)" if case.timm_has_it else "timm 1-D/stem (no equivalent)"
+    result = Result(case.name, reference, max_abs_logit_diff=diff)
+    for runner in runners.values():  # compile, allocate optimizer state, warm caches
+        for _ in range(setup.warmup):
+            runner.train_step()
+            runner.infer_step()
+    for r in range(setup.repeats):
+        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+        for impl in order:
+            runner = runners[impl]
+            result.train_ips.setdefault(impl, []).append(
+                runner.images_per_s(runner.train_step, setup.steps)
+            )
+            result.infer_ips.setdefault(impl, []).append(
+                runner.images_per_s(runner.infer_step, setup.steps)
+            )
+            mem = runner.peak_train_mb()
+            if mem is not None:
+                result.peak_mem_mb.setdefault(impl, []).append(mem)
+    log(row(result))
+    return result
+
+
+# --- the real training step ------------------------------------------------------------------
+def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
+    """Images/s of `vitexp.train`'s own training step for the case: the run's config composed
+    by Hydra, its Trainer (callbacks, logger, precision, compile) and its LightningModule,
+    on in-memory batches so that only the step is timed."""
+    from hydra import compose, initialize_config_dir
+
+    from vitexp.config import validate
+    from vitexp.module import ViTModule
+    from vitexp.train import CONFIG_DIR, build_trainer
+
+    trainer_group = "gpu" if setup.device == "cuda" else "cpu"
+    overrides = [
+        f"trainer={trainer_group}",
+        f"trainer.max_steps={setup.warmup + steps}",
+        "trainer.limit_val_batches=0",
+        "trainer.progress_bar=false",
+        "logger=csv",
+        "figures=false",
+        "fewshot.enabled=false",
+        f"trainer.compile={str(setup.compile).lower()}",
+        f"model.img_size={case.img_size}",
+        f"model.pool={case.pool}",
+        f"model.pos_embed.kind={case.kind}",
+        f"model.pos_embed.placement={case.placement}",
+        f"data.batch_size={case.batch}",
+        f"data.num_classes={case.num_classes}",
+    ]
+    for key, value in SIZES[case.size].items():
+        overrides.append(f"model.{key}={value}")
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        c = validate(compose("train", overrides=overrides))
+    net = VisionTransformer(num_classes=case.num_classes, **c.model.model_kwargs())
+    module = ViTModule(net, c.optim, c.schedule, c.loss, compile=c.trainer.compile)
+    timer = StepTimer(setup.warmup)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(c, Path(run_dir))
+        trainer.callbacks.append(timer)
+        batches = DataLoader(SameBatch(case, setup.warmup + steps), batch_size=None)
+        with _quiet_lightning():
+            trainer.fit(module, train_dataloaders=batches)
+    return {"images_per_s": case.batch * len(timer.times) / sum(timer.times), "steps": steps}
+
+
+class SameBatch(Dataset):
+    """`n` copies of one random batch: the loader costs nothing, only the step is timed."""
+
+    def __init__(self, case: Case, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(case.batch, 3, case.img_size, case.img_size, generator=g)
+        self.labels = torch.randint(0, case.num_classes, (case.batch,), generator=g)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images, self.labels
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training batch after `skip` warm-up batches."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip, self.times, self._start = skip, [], 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        synchronize(module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        synchronize(module.device)
+        if batch_idx >= self.skip:
+            self.times.append(time.perf_counter() - self._start)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    import logging
+    import warnings
+
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    logger.setLevel(level)
+
+
+# --- data pipeline ---------------------------------------------------------------------------
+def data_pipeline(num_images: int, img_size: int, num_workers: int, batch: int) -> dict:
+    """Images/s of the image-folder training pipeline (JPEG decode, random resized crop,
+    flip, normalise, collate) with `num_workers` workers, on JPEGs written for the purpose
+    (500 x 375, the size of a typical ImageNet photo)."""
+    from PIL import Image
+
+    from vitexp.config import DataConfig
+    from vitexp.data.datamodule import ImageDataModule
+
+    with tempfile.TemporaryDirectory() as root:
+        g = torch.Generator().manual_seed(0)
+        for i in range(num_images):
+            folder = Path(root, "train", f"class{i % 4}")
+            folder.mkdir(parents=True, exist_ok=True)
+            base = torch.rand(3, 24, 32, generator=g)  # smooth content compresses like photos
+            pixels = F.interpolate(base[None], size=(375, 500), mode="bicubic")[0]
+            array = (pixels.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            Image.fromarray(array).save(folder / f"{i}.jpg", quality=90)
+        cfg = DataConfig(
+            name="bench",
+            source="imagefolder",
+            root=root,
+            num_classes=4,
+            batch_size=batch,
+            num_workers=num_workers,
+            val_fraction=0.0,
+            test_fraction=0.0,
+        )
+        cfg.augment.random_resized_crop = True
+        cfg.augment.hflip = True
+        dm = ImageDataModule(cfg, (img_size, img_size), [0.5] * 3, [0.5] * 3)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        seen, start = 0, 0.0
+        for i, (images, _) in enumerate(loader):
+            if i == 0:  # workers started and warmed up
+                start = time.perf_counter()
+                continue
+            seen += len(images)
+        elapsed = time.perf_counter() - start
+    return {
+        "images_per_s": seen / elapsed,
+        "num_workers": num_workers,
+        "img_size": img_size,
+        "images": seen,
+    }
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+def train_flops_per_image(case: Case) -> float:
+    """Analytic training FLOPs of one image for the standard ViT (3 x forward: the backward
+    costs twice the forward), counting multiply-adds as 2 FLOPs; the convention of MFU."""
+    s = SIZES[case.size]
+    d, depth, p = s["embed_dim"], s["depth"], s["patch_size"]
+    n = (case.img_size // p) ** 2
+    t = n + (1 if case.pool == "cls" else 0)
+    per_layer = 12 * t * d * d + 2 * t * t * d  # qkv+proj+MLP, then QK^T and AV
+    macs = n * 3 * p * p * d + depth * per_layer + d * case.num_classes
+    return 3 * 2 * macs
+
+
+def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return name, peak
+
+
+# --- report ----------------------------------------------------------------------------------
+def row(r: Result) -> str:
+    med = statistics.median
+    mem = (
+        f"{r.ratio('peak_mem_mb'):5.2f}x"
+        if r.peak_mem_mb.get("timm") and med(r.peak_mem_mb["timm"]) > 0
+        else "  n/a"
+    )
+    return (
+        f"| {r.case} | {med(r.train_ips['vitexp']):8.1f} | {med(r.train_ips['timm']):8.1f} "
+        f"| **{r.ratio('train_ips'):.2f}x** ±{100 * r.spread('train_ips', 'vitexp'):.0f}% "
+        f"| {r.ratio('infer_ips'):.2f}x | {mem} | {r.reference} |"
+    )
+
+
+HEADER = (
+    "| case | train img/s vitexp | train img/s timm | train ratio (spread) "
+    "| inference ratio | peak-memory ratio | reference |\n|---|---|---|---|---|---|---|"
+)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def run_suite(name: str, cases: list[Case], setup: Setup, headline: Case | None) -> dict:
+    print(f"\n## {name}: {setup.device}, {setup.dtype}, compile={setup.compile}\n\n{HEADER}")
+    results = [bench_case(case, setup) for case in cases]
+    out: dict[str, Any] = {"setup": asdict(setup), "cases": []}
+    for r in results:
+        out["cases"].append(
+            {
+                **asdict(r),
+                "train_ratio": r.ratio("train_ips"),
+                "infer_ratio": r.ratio("infer_ips"),
+                "peak_mem_ratio": r.ratio("peak_mem_mb") if r.peak_mem_mb.get("timm") else None,
+                "train_spread": {i: r.spread("train_ips", i) for i in r.train_ips},
+            }
+        )
+    if headline is not None:
+        step = lightning_step(headline, setup, setup.steps * 2)
+        bare = next(r for r in results if r.case == headline.name)
+        step["vs_bare_vitexp"] = step["images_per_s"] / statistics.median(bare.train_ips["vitexp"])
+        step["vs_timm"] = step["images_per_s"] / statistics.median(bare.train_ips["timm"])
+        out["lightning"] = {"case": headline.name, **step}
+        print(
+            f"\nvitexp.train's own step ({headline.name}): {step['images_per_s']:.1f} img/s, "
+            f"{step['vs_bare_vitexp']:.2f}x the bare vitexp step, {step['vs_timm']:.2f}x timm"
+        )
+    device = torch.device(setup.device)
+    gpu_name, peak = peak_flops(device)
+    if peak is not None:
+        for case_out, case in zip(out["cases"], cases, strict=True):
+            flops = train_flops_per_image(case)
+            for impl, ips in case_out["train_ips"].items():
+                mfu = flops * statistics.median(ips) / peak
+                case_out.setdefault("mfu", {})[impl] = mfu
+        print(f"MFU against {peak / 1e12:.0f} TFLOP/s bf16 ({gpu_name}):")
+        for case_out in out["cases"]:
+            print(
+                f"  {case_out['case']}: "
+                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in case_out["mfu"].items())
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m vitexp.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--suite", choices=["cpu", "gpu", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    parser.add_argument("--quick", action="store_true", help="two CPU cases, for smoke runs")
+    parser.add_argument("--data-images", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=4, help="data loader workers")
+    parser.add_argument("--data-batch", type=int, default=32)
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args(argv)
+
+    report: dict[str, Any] = {"machine": machine()}
+    print(f"machine: {report['machine']}")
+    model_ips = None
+    if args.suite in ("cpu", "all"):
+        setup = Setup("cpu", "float32", False, args.steps, 2, args.repeats)
+        cases = cpu_cases(args.quick)
+        headline = next(c for c in cases if c.size == "S/16")
+        report["cpu"] = run_suite("CPU", cases, setup, headline)
+        model_ips = report["cpu"]["lightning"]["images_per_s"]
+        if not args.quick:  # the same switch on both sides: what compile adds on CPU
+            compiled = Setup("cpu", "float32", True, args.steps, 2, args.repeats)
+            report["cpu_compiled"] = run_suite("CPU, compiled", [headline], compiled, None)
+    if args.suite in ("gpu", "all"):
+        if torch.cuda.is_available():
+            setup = Setup("cuda", "bfloat16", True, max(args.steps, 10), 5, args.repeats)
+            cases = gpu_cases()
+            report["gpu"] = run_suite("GPU", cases, setup, cases[0])
+            model_ips = report["gpu"]["lightning"]["images_per_s"]
+        else:
+            report["gpu"] = {"skipped": "no CUDA device on this machine: nothing measured"}
+            print("\n## GPU: skipped, no CUDA device on this machine (nothing measured)")
+    data = data_pipeline(args.data_images, 224, args.workers, args.data_batch)
+    report["data"] = data
+    print(
+        f"\n## data: JPEG image folder -> 224 px batches, {args.workers} workers: "
+        f"{data['images_per_s']:.0f} images/s"
+    )
+    if model_ips:
+        data["vs_train_step"] = data["images_per_s"] / model_ips
+        verdict = "keeps up" if data["vs_train_step"] >= 1 else "is the bottleneck"
+        print(f"   {data['vs_train_step']:.1f}x the training step above: loading {verdict}")
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"-> {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The benchmark measures what it says: equal models, real memory, honest FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitexp import bench
+
+pytest.importorskip("timm")
+
+TINY = dict(size="debug", img_size=32, batch=8, num_classes=10)
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_equivalent_case_builds_models_with_the_same_logits(pool):
+    case = bench.Case(**TINY, pool=pool)
+    runners, diff = bench.make_runners(case, bench.Setup(repeats=1, steps=1, warmup=1))
+    assert diff is not None and diff < 1e-5
+    assert set(runners) == {"vitexp", "timm"}
+    ours, theirs = (sum(p.numel() for p in r.model.parameters()) for r in runners.values())
+    assert ours == theirs
+
+
+def test_variant_without_timm_equivalent_is_timed_against_timm_1d():
+    case = bench.Case(**TINY, kind="relative")
+    assert not case.timm_has_it
+    runners, diff = bench.make_runners(case, bench.Setup())
+    assert diff is None
+    assert runners["vitexp"].model.pos_embed_spec.kind == "relative"
+    assert runners["timm"].model.pos_embed.shape[1] == 65  # timm's learned 1-D table
+
+
+def test_hybrid_case_builds_both_hybrids():
+    case = bench.Case(size="debug", img_size=32, batch=2, num_classes=10, stem="r50")
+    runners, _ = bench.make_runners(case, bench.Setup())
+    for runner in runners.values():
+        out = runner.model(runner.images)
+        assert out.shape == (2, 10)
+    assert type(runners["timm"].model.patch_embed).__name__ == "HybridEmbed"
+
+
+def test_bench_case_alternates_and_records_every_repeat():
+    case = bench.Case(**TINY)
+    result = bench.bench_case(case, bench.Setup(repeats=3, steps=1, warmup=1), log=lambda s: None)
+    for what in ("train_ips", "infer_ips"):
+        assert all(len(v) == 3 and min(v) > 0 for v in getattr(result, what).values())
+    assert result.ratio("train_ips") > 0
+    assert result.spread("train_ips", "timm") >= 0
+
+
+def test_cpu_peak_memory_sees_a_100mb_allocation():
+    with bench.peak_memory(torch.device("cpu")) as mem:
+        x = torch.ones(100 * 2**20 // 4)  # 100 MB of float32, touched
+        del x
+    assert 90 <= mem["mb"] <= 140
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_analytic_flops_match_torch_flop_counter(pool):
+    case = bench.Case(size="S/16", img_size=224, batch=1, pool=pool)
+    model = bench.build_timm(case)  # timm: the standard computation, no pruned last block
+    counter = FlopCounterMode(display=False)
+    # the math kernel spells attention out as matmuls, which the counter counts
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, 224, 224))
+    counted = 3 * counter.get_total_flops()
+    assert bench.train_flops_per_image(case) == pytest.approx(counted, rel=0.01)
+
+
+def test_lightning_step_times_vitexp_trains_own_step():
+    case = bench.Case(**TINY)
+    out = bench.lightning_step(case, bench.Setup(warmup=1), steps=2)
+    assert out["steps"] == 2 and out["images_per_s"] > 0
+
+
+def test_data_pipeline_reads_every_image_after_the_first_batch():
+    out = bench.data_pipeline(num_images=24, img_size=64, num_workers=0, batch=8)
+    assert out["images"] == 16  # 3 batches of 8; the first one warms up
+    assert out["images_per_s"] > 0
+
+
+def test_cli_quick_suite_writes_bench_json(tmp_path, monkeypatch):
+    small = [bench.Case(**TINY), bench.Case(size="S/16", img_size=32, batch=2)]
+    monkeypatch.setattr(bench, "cpu_cases", lambda quick: small)
+    out = tmp_path / "bench.json"
+    report = bench.main(
+        [
+            "--suite",
+            "all",
+            "--repeats",
+            "2",
+            "--steps",
+            "1",
+            "--data-images",
+            "24",
+            "--data-batch",
+            "8",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["torch"] == torch.__version__
+    assert [c["case"] for c in saved["cpu"]["cases"]] == [c.name for c in small]
+    assert saved["cpu"]["lightning"]["case"] == small[1].name
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in saved["gpu"]["skipped"]
+    assert report["data"]["vs_train_step"] > 0
