@@ -46,7 +46,9 @@ def test_hybrid_case_builds_both_hybrids():
 
 def test_bench_case_alternates_and_records_every_repeat():
     case = bench.Case(**TINY)
-    result = bench.bench_case(case, bench.Setup(repeats=3, steps=1, warmup=1), log=lambda s: None)
+    result = bench.bench_case(
+        case, bench.Setup(repeats=3, steps=1, warmup=1, min_seconds=0), log=lambda s: None
+    )
     for what in ("train_ips", "infer_ips"):
         assert all(len(v) == 3 and min(v) > 0 for v in getattr(result, what).values())
     assert result.ratio("train_ips") > 0

@@ -38,6 +38,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelSummary
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -89,7 +90,8 @@ class Setup:
     device: str = "cpu"
     dtype: str = "float32"  # autocast dtype; float32 means no autocast
     compile: bool = False
-    steps: int = 3  # timed steps per repeat
+    steps: int = 3  # timed steps per repeat, at least
+    min_seconds: float = 1.0  # and at least this long
     warmup: int = 2
     repeats: int = 5
 
@@ -269,13 +271,15 @@ class Runner:
         with self.autocast:
             self.forward(self.images)
 
-    def images_per_s(self, step: Callable[[], None], steps: int) -> float:
+    def images_per_s(self, step: Callable[[], None], steps: int, min_seconds: float) -> float:
+        """Throughput over at least `steps` steps and `min_seconds` seconds."""
         synchronize(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
+        start, done = time.perf_counter(), 0
+        while done < steps or time.perf_counter() - start < min_seconds:
             step()
-        synchronize(self.device)
-        return steps * len(self.images) / (time.perf_counter() - start)
+            done += 1
+            synchronize(self.device)
+        return done * len(self.images) / (time.perf_counter() - start)
 
     def peak_train_mb(self) -> float | None:
         with peak_memory(self.device) as mem:
@@ -320,10 +324,10 @@ def bench_case(case: Case, setup: Setup, log: Callable[[str], None] = print) -> 
         for impl in order:
             runner = runners[impl]
             result.train_ips.setdefault(impl, []).append(
-                runner.images_per_s(runner.train_step, setup.steps)
+                runner.images_per_s(runner.train_step, setup.steps, setup.min_seconds)
             )
             result.infer_ips.setdefault(impl, []).append(
-                runner.images_per_s(runner.infer_step, setup.steps)
+                runner.images_per_s(runner.infer_step, setup.steps, setup.min_seconds)
             )
             mem = runner.peak_train_mb()
             if mem is not None:
@@ -369,6 +373,7 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     timer = StepTimer(setup.warmup)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(c, Path(run_dir))
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelSummary)]
         trainer.callbacks.append(timer)
         batches = DataLoader(SameBatch(case, setup.warmup + steps), batch_size=None)
         with _quiet_lightning():
@@ -570,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--suite", choices=["cpu", "gpu", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat (CPU)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per repeat")
     parser.add_argument("--quick", action="store_true", help="two CPU cases, for smoke runs")
     parser.add_argument("--data-images", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="data loader workers")
@@ -582,17 +588,39 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {report['machine']}")
     model_ips = None
     if args.suite in ("cpu", "all"):
-        setup = Setup("cpu", "float32", False, args.steps, 2, args.repeats)
+        setup = Setup(
+            "cpu",
+            "float32",
+            False,
+            steps=args.steps,
+            min_seconds=args.seconds,
+            repeats=args.repeats,
+        )
         cases = cpu_cases(args.quick)
         headline = next(c for c in cases if c.size == "S/16")
         report["cpu"] = run_suite("CPU", cases, setup, headline)
         model_ips = report["cpu"]["lightning"]["images_per_s"]
         if not args.quick:  # the same switch on both sides: what compile adds on CPU
-            compiled = Setup("cpu", "float32", True, args.steps, 2, args.repeats)
+            compiled = Setup(
+                "cpu",
+                "float32",
+                True,
+                steps=args.steps,
+                min_seconds=args.seconds,
+                repeats=args.repeats,
+            )
             report["cpu_compiled"] = run_suite("CPU, compiled", [headline], compiled, None)
     if args.suite in ("gpu", "all"):
         if torch.cuda.is_available():
-            setup = Setup("cuda", "bfloat16", True, max(args.steps, 10), 5, args.repeats)
+            setup = Setup(
+                "cuda",
+                "bfloat16",
+                True,
+                steps=10,
+                min_seconds=args.seconds,
+                warmup=5,
+                repeats=args.repeats,
+            )
             cases = gpu_cases()
             report["gpu"] = run_suite("GPU", cases, setup, cases[0])
             model_ips = report["gpu"]["lightning"]["images_per_s"]

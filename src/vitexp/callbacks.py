@@ -18,10 +18,12 @@ Preemption, who does what (one owner each, so that nothing is requeued twice):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -133,3 +135,74 @@ class PreemptionCheckpoint(L.Callback):
                 log.warning("requeued SLURM job %s", job)
             else:
                 log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+
+
+class DDPWorkerWatch(L.Callback):
+    """On rank 0 of a single-node DDP run: if another rank's process dies, say which one in
+    one line and stop every rank at once, instead of waiting in a collective.
+
+    Lightning starts ranks 1..N-1 as child processes of rank 0 and kills everything, without
+    a word, some seconds after one of them fails. This watcher polls more often, reaps the
+    dead child itself (so that Lightning sees nothing to do), prints the error and exits
+    with code 1. Checkpoints are written atomically, so the last one is whole:
+    `ckpt_path=last` resumes.
+    """
+
+    MARKER = "train_ddp_process_"  # in the command line Lightning gives each child rank
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self.period_s = period_s
+        self._stop = threading.Event()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1 and trainer.global_rank == 0:
+            ranks = ddp_children(os.getpid(), self.MARKER)
+            if ranks:
+                threading.Thread(target=self._watch, args=(ranks,), daemon=True).start()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop.set()
+
+    def _watch(self, ranks: dict[int, int]) -> None:
+        while not self._stop.wait(self.period_s):
+            for pid, rank in list(ranks.items()):
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: it ended
+                    ranks.pop(pid)
+                    continue
+                if not done:
+                    continue
+                ranks.pop(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    self._fail(rank, pid, code, ranks)
+
+    def _fail(self, rank: int, pid: int, code: int, others: dict[int, int]) -> None:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        print(
+            f"error: DDP rank {rank} (pid {pid}) died ({how}); stopped every rank. The last "
+            "checkpoint is whole: resume with ckpt_path=last",
+            file=sys.stderr,
+            flush=True,
+        )
+        for other in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGKILL)
+        os._exit(1)
+
+
+def ddp_children(parent: int, marker: str) -> dict[int, int]:
+    """{pid: local rank} of the child processes of `parent` whose command line has `marker`
+    followed by the rank (Linux /proc; empty elsewhere)."""
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and marker in cmdline:
+            rank = cmdline.split(marker, 1)[1].split("\0")[0]
+            found[int(entry.name)] = int(rank) if rank.isdigit() else -1
+    return found

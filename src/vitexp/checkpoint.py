@@ -1,15 +1,19 @@
-"""Reading checkpoints safely, and starting a fine-tune from a pretrained one.
+"""Writing checkpoints atomically, reading them safely, and starting a fine-tune from one.
 
 Every file is read with `torch.load(..., weights_only=True)` (or safetensors): a checkpoint
-that would run code when unpickled is refused before any of it runs.
+that would run code when unpickled is refused before any of it runs. Every file is written
+next to its target and renamed over it (`AtomicCheckpointIO`): a run killed while saving
+leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vitexp.errors import CheckpointError
 from vitexp.models import VisionTransformer
@@ -33,6 +37,47 @@ ARCHITECTURE_KEYS = (
 POS_EMBED_KEYS = ("kind", "placement")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks.
+
+    Lightning writes through an fsspec transaction whose temporary file lives in the system
+    temp directory; when that is another filesystem (a node's /tmp vs the shared run
+    directory), the final move is a copy into the target, and a kill during it leaves a
+    truncated checkpoint where the good one was. Here the bytes go to a hidden file in the
+    target's own directory, are flushed to disk, and `os.replace` swaps them in.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if "://" in str(path):  # object stores: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a crash right after it keeps the new file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -46,10 +91,18 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        reason = _first_line(err)
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        if "weights_only" in text or "Unsupported global" in text:
             reason = "it holds Python objects other than tensors (refused: loading could run code)"
-        raise CheckpointError(f"{what}={path} cannot be loaded: {reason}") from None
+        elif path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif "central directory" in text or "zipfile" in text or "zip archive" in text:
+            reason = "not a complete torch.save file (truncated or another format)"
+        else:
+            reason = _first_line(err)
+        raise CheckpointError(
+            f"{what}={path} cannot be loaded: {reason}; copy it again or give another file"
+        ) from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{what}={path} is not a checkpoint (a {type(content).__name__})")
     return content

@@ -27,6 +27,12 @@ class CheckpointError(VitexpError):
     """A checkpoint that is missing, broken, untrusted or of another architecture."""
 
 
+class Diverged(VitexpError, FloatingPointError):
+    """The training loss became NaN or infinite; no checkpoint is written from that state."""
+
+    exit_code = 3
+
+
 class Interrupted(VitexpError):
     """The run stopped for a signal (SIGTERM, preemption) after saving its checkpoint."""
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, Diverged
 from vitexp.models import VisionTransformer
 
 CHECKPOINT_FORMAT = 1
@@ -110,10 +110,10 @@ class ViTModule(L.LightningModule):
         logits = self(images)
         loss = self.loss_fn(logits, labels)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise Diverged(
                 f"training loss is {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}); lower optim.lr or check the data. The last good "
-                "checkpoint is untouched."
+                f"{self.current_epoch}); lower optim.lr or check the data. Nothing was saved "
+                "from this step: checkpoints/last.ckpt, if any, is the last good state."
             )
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True)

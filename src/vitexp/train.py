@@ -29,8 +29,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.callbacks import LastCheckpoint, PreemptionCheckpoint, requeue_count, slurm_job_id
-from vitexp.checkpoint import load_pretrained, read_checkpoint
+from vitexp.callbacks import (
+    DDPWorkerWatch,
+    LastCheckpoint,
+    PreemptionCheckpoint,
+    requeue_count,
+    slurm_job_id,
+)
+from vitexp.checkpoint import AtomicCheckpointIO, load_pretrained, read_checkpoint
 from vitexp.cli import one_line, run_cli, single_run_errors, write_atomic
 from vitexp.config import LoggerConfig, TrainConfig, register_configs, validate
 from vitexp.errors import CheckpointError, ConfigError, Interrupted, NotApplicableCell
@@ -127,6 +133,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         LastCheckpoint(checkpoints / "last.ckpt", t.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
         PreemptionCheckpoint(checkpoints / "last.ckpt"),
+        DDPWorkerWatch(),
     ]
     if evaluator is not None:
         from vitexp.fewshot import FewShotCallback
@@ -143,6 +150,8 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         from datetime import timedelta
 
         strategy = L.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=t.ddp_timeout_s))
+    # under SLURM, requeueing is submitit's or vitexp's (see vitexp.callbacks), not Lightning's
+    slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -165,8 +174,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         default_root_dir=run_dir,
         enable_progress_bar=t.progress_bar,
         use_distributed_sampler=False,  # the data module shards by rank itself
-        # under SLURM, requeueing is submitit's or vitexp's (see vitexp.callbacks)
-        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+        plugins=[AtomicCheckpointIO(), *slurm],
     )
     # keep the global batch whatever the number of devices: accumulate the rest
     per_step = c.data.batch_size * trainer.world_size

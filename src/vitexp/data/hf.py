@@ -56,7 +56,7 @@ def load_hf(cfg: DataConfig, decoder: ImageDecoder) -> Splits:
     from datasets import ClassLabel
     from datasets import Image as HFImage
 
-    name = cfg.dataset or _builder_for(cfg.data_files)
+    name = cfg.dataset or _builder_for(given_files(cfg))
     origin = f"data.dataset={name}"
     dd = _hf_load(cfg, name)
     for key in ("train_split", "val_split", "test_split"):
@@ -118,8 +118,8 @@ def _hf_load(cfg: DataConfig, name: str) -> Any:
 
     local_builder = name in HF_BUILDERS or Path(name).expanduser().is_dir()
     kwargs: dict[str, Any] = {"streaming": cfg.streaming}
-    if cfg.data_files:
-        kwargs["data_files"] = _plain(cfg.data_files)
+    if given_files(cfg):
+        kwargs["data_files"] = given_files(cfg)
     if cfg.root:
         kwargs["data_dir" if local_builder else "cache_dir"] = str(Path(cfg.root).expanduser())
     try:
@@ -160,6 +160,13 @@ def _plain(value: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def given_files(cfg: DataConfig) -> dict[str, Any]:
+    """data.data_files without the splits left empty (the config lists train, validation
+    and test as null, so that `data.data_files.train=PATH` works without a `+`)."""
+    files = _plain(cfg.data_files) or {}
+    return {split: value for split, value in files.items() if value is not None}
 
 
 def _builder_for(data_files: Any) -> str:

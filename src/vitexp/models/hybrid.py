@@ -25,10 +25,11 @@ class StdConv2d(nn.Conv2d):
     """Convolution with weight standardisation (Qiao et al.; BiT): zero-mean, unit-var kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        w = (w - mean) / torch.sqrt(var + 1e-5)
+        # (w - mean) / sqrt(var + eps) per output channel, as one batch-norm kernel over the
+        # flattened kernels (biased variance, no running statistics)
+        w = self.weight.reshape(1, self.out_channels, -1)
+        w = F.batch_norm(w, None, None, training=True, momentum=0.0, eps=1e-5)
+        w = w.reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

@@ -1,0 +1,188 @@
+"""Faults during a run: a kill while a checkpoint is being written, a diverging loss, a
+dead DDP worker. Each ends with a clear message and nothing good lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_resume import RUN, finish, results, start
+from test_train import train
+from vitexp.callbacks import DDPWorkerWatch, ddp_children
+from vitexp.checkpoint import AtomicCheckpointIO
+from vitexp.errors import Diverged
+from vitexp.module import ViTModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Writes checkpoints 0, 1, 2, ... (each a 64 MB tensor filled with its number) to one path,
+# slowly, through the writer every vitexp run uses.
+WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from vitexp.checkpoint import AtomicCheckpointIO
+    real_save = torch.save
+    def slow_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        time.sleep(0.3)  # a slow shared filesystem: the kill lands mid-write
+    torch.save = slow_save
+    io = AtomicCheckpointIO()
+    for i in range(1000):
+        io.save_checkpoint({"step": i, "w": torch.full((16 * 2**20,), float(i))}, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15])
+def test_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path: Path, delay: float):
+    target = tmp_path / "ckpts" / "last.ckpt"
+    partial = target.with_name(".last.ckpt.partial")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while not (target.exists() and partial.exists()):  # a save after the first one
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    checkpoint = torch.load(target, weights_only=True)
+    assert checkpoint["w"].numel() == 16 * 2**20
+    assert bool((checkpoint["w"] == checkpoint["step"]).all())  # one whole checkpoint
+    # the next save replaces the leftover partial file and the target atomically
+    AtomicCheckpointIO().save_checkpoint({"step": -1}, target)
+    assert torch.load(target, weights_only=True) == {"step": -1}
+    assert not partial.exists()
+
+
+def test_atomic_writer_leaves_no_partial_file_on_error(tmp_path: Path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises for an unpicklable
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "bad": lambda: 0}, target)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch):
+    real_loss = ViTModule.loss_fn
+
+    def loss_going_nan(self, logits, labels):
+        loss = real_loss(self, logits, labels)
+        return loss * float("nan") if self.training and self.global_step == 3 else loss
+
+    monkeypatch.setattr(ViTModule, "loss_fn", loss_going_nan)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(Diverged, match=r"training loss is nan at step 3 \(epoch 0\)") as err:
+        train(run_dir, "trainer.checkpoint_every_n_steps=2", "trainer.max_steps=6")
+    assert err.value.exit_code == 3
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2  # saved before the bad step; not overwritten after it
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert not (run_dir / "results.json").exists()
+
+
+def test_nan_from_the_command_line_is_one_line_and_exit_3(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "vitexp.train", *RUN, f"hydra.run.dir={tmp_path / 'run'}",
+         "optim.lr=1e30", "schedule.warmup_steps=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: training loss is ") and "at step" in lines[-1]
+    assert "lower optim.lr" in lines[-1] and "Traceback" not in result.stderr
+
+
+SLOW_SAVE_TRAIN = textwrap.dedent(
+    """
+    import sys, time, torch
+    real_save = torch.save
+    def slow_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if getattr(f, "name", "").endswith(".partial"):
+            time.sleep(0.5)  # a slow filesystem: the kill below lands during the write
+    torch.save = slow_save
+    from vitexp.train import main
+    sys.argv = ["vitexp.train", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nth_save", [2, 5])
+def test_sigkill_during_a_checkpoint_save_then_resume_matches(
+    tmp_path: Path, nth_save: int, uninterrupted_24: dict
+):
+    run_dir = tmp_path / "killed"
+    partial = run_dir / "checkpoints" / ".last.ckpt.partial"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE_TRAIN, *RUN, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    seen, was_present = 0, False
+    deadline = time.time() + 240
+    while seen < nth_save:
+        assert time.time() < deadline and proc.poll() is None, "the run ended first"
+        present = partial.exists()
+        seen += present and not was_present
+        was_present = present
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # in the middle of writing save number `nth_save`
+    proc.wait()
+    assert partial.exists()  # it really died while saving
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] > 0
+    finish(start(run_dir, "ckpt_path=last"))
+    resumed = results(run_dir)
+    assert resumed["steps"] == uninterrupted_24["steps"] == 24
+    for key, value in uninterrupted_24["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_24(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("whole") / "whole"
+    finish(start(run_dir))
+    return results(run_dir)
+
+
+@pytest.mark.slow
+def test_ddp_worker_death_fails_in_bounded_time(tmp_path: Path):
+    """Kill one of two DDP processes mid-run: the run must end, non-zero, with one line."""
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitexp.train", *RUN, f"hydra.run.dir={run_dir}",
+         "trainer=ddp", "trainer.devices=2", "trainer.max_steps=400",
+         "trainer.ddp_timeout_s=30", "data.num_workers=0"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    workers: list[int] = []  # rank 1, a child process of rank 0
+    while not workers:
+        assert time.time() < deadline and proc.poll() is None
+        workers = list(ddp_children(proc.pid, DDPWorkerWatch.MARKER))
+        time.sleep(0.2)
+    time.sleep(8)  # into training
+    start_kill = time.time()
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=150)
+    elapsed = time.time() - start_kill
+    assert proc.returncode != 0
+    assert elapsed < 120, f"took {elapsed:.0f} s to fail"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in last, err[-3000:]
+    assert "ckpt_path=last" in last
