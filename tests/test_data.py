@@ -530,3 +530,40 @@ def test_resumed_fit_sees_the_same_batches(tmp_path):
     for step in (7, 20):
         resumed = fit(2, f"resumed{step}", ckpt=str(tmp_path / "killed" / f"step={step}.ckpt"))
         assert killed[:step] + resumed == full
+
+
+def test_hf_source_converts_odd_images_and_skips_or_names_corrupt_ones(tmp_path, hf_offline):
+    """The same decoding rules through a parquet dataset: greyscale, CMYK, RGBA, 16-bit,
+    tiny and big images reach the model as RGB; corrupt bytes are skipped or named."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as HFImage
+
+    good = png_bytes(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG")
+    sixteen = Image.fromarray(np.full((6, 6), 65535, dtype=np.uint16))
+    images = [
+        png_bytes(Image.new("L", (5, 7), 77)),
+        png_bytes(Image.new("CMYK", (6, 6), (0, 0, 0, 0)), "JPEG"),
+        png_bytes(Image.new("RGBA", (6, 6), (10, 20, 30, 0))),
+        png_bytes(sixteen),
+        png_bytes(Image.new("RGB", (1, 1), (9, 9, 9))),
+        png_bytes(Image.new("RGB", (1200, 900), (0, 90, 0)), "JPEG"),
+        good[: len(good) // 2],  # truncated
+        b"\x89PNG garbage",  # not an image
+    ]
+    rows = {
+        "image": [{"bytes": b, "path": f"row{i}.png"} for i, b in enumerate(images)],
+        "label": [0] * len(images),
+    }
+    features = Features({"image": HFImage(), "label": ClassLabel(names=["a"])})
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "test.parquet"))
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    files = {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")}
+    cfg = dict(source="hf", data_files=files, num_classes=1, batch_size=16, num_workers=0)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image row[67]\.png"):
+        x, y = next(iter(dm_for(data_cfg(**cfg, on_corrupt="skip")).test_dataloader()))
+    assert x.shape == (6, 3, 8, 8) and x.dtype == torch.float32  # the 2 corrupt rows dropped
+    assert torch.isfinite(x).all() and y.tolist() == [0] * 6
+    assert torch.allclose(x[0], torch.tensor(77 / 255), atol=1e-6)  # greyscale -> grey RGB
+    assert torch.allclose(x[3], torch.tensor(1.0), atol=1e-6)  # 16-bit white stays white
+    with pytest.raises(DataError, match=r"row6\.png: unreadable image .*on_corrupt=skip"):
+        next(iter(dm_for(data_cfg(**cfg, on_corrupt="error")).test_dataloader()))
