@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -588,27 +588,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {report['machine']}")
     model_ips = None
     if args.suite in ("cpu", "all"):
-        setup = Setup(
-            "cpu",
-            "float32",
-            False,
-            steps=args.steps,
-            min_seconds=args.seconds,
-            repeats=args.repeats,
-        )
+        setup = Setup("cpu", steps=args.steps, min_seconds=args.seconds, repeats=args.repeats)
         cases = cpu_cases(args.quick)
         headline = next(c for c in cases if c.size == "S/16")
         report["cpu"] = run_suite("CPU", cases, setup, headline)
         model_ips = report["cpu"]["lightning"]["images_per_s"]
         if not args.quick:  # the same switch on both sides: what compile adds on CPU
-            compiled = Setup(
-                "cpu",
-                "float32",
-                True,
-                steps=args.steps,
-                min_seconds=args.seconds,
-                repeats=args.repeats,
-            )
+            compiled = replace(setup, compile=True)
             report["cpu_compiled"] = run_suite("CPU, compiled", [headline], compiled, None)
     if args.suite in ("gpu", "all"):
         if torch.cuda.is_available():
