@@ -1,6 +1,6 @@
 """Speed and memory benchmark: vitexp's ViT against timm's, in one process.
 
-    python -m vitexp.bench [--suite cpu|gpu|all] [--repeats 5] [--out bench.json]
+    python -m vitexp.bench [--suite cpu|gpu|all] [--repeats 3] [--seconds 1.5] [--out bench.json]
 
 For each case both models are built for the same architecture and precision: where timm
 has the variant, vitexp's model is converted from timm's (`from_timm`), so both compute the

@@ -157,7 +157,8 @@ class DDPWorkerWatch(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size > 1 and trainer.global_rank == 0:
             ranks = ddp_children(os.getpid(), self.MARKER)
-            if ranks:
+            if ranks:  # one watcher per stage (fit, then test)
+                self._stop = threading.Event()
                 threading.Thread(target=self._watch, args=(ranks,), daemon=True).start()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

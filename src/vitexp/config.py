@@ -60,9 +60,8 @@ class DataConfig:
     source: str = "digits"  # digits | shapes | torchvision | imagefolder | hf
     dataset: str | None = None  # torchvision: CIFAR10 | CIFAR100; hf: hub name or builder
     root: str | None = None  # where the data lives on disk
-    data_files: dict[str, Any] = field(
-        default_factory=dict
-    )  # hf: files per split {train: a.parquet}
+    # hf: local files per split, e.g. {train: a.parquet}
+    data_files: dict[str, Any] = field(default_factory=dict)
     num_classes: int = 10  # checked against the data
     batch_size: int = 64  # per device
     global_batch_size: int | None = None  # kept across device counts by accumulation

@@ -118,8 +118,8 @@ def _hf_load(cfg: DataConfig, name: str) -> Any:
 
     local_builder = name in HF_BUILDERS or Path(name).expanduser().is_dir()
     kwargs: dict[str, Any] = {"streaming": cfg.streaming}
-    if given_files(cfg):
-        kwargs["data_files"] = given_files(cfg)
+    if files := given_files(cfg):
+        kwargs["data_files"] = files
     if cfg.root:
         kwargs["data_dir" if local_builder else "cache_dir"] = str(Path(cfg.root).expanduser())
     try:
