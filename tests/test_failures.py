@@ -186,3 +186,33 @@ def test_ddp_worker_death_fails_in_bounded_time(tmp_path: Path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in last, err[-3000:]
     assert "ckpt_path=last" in last
+
+
+RANK0_SEES_A_CONNECTION_ERROR = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    from vitexp.callbacks import DDPWorkerWatch, ddp_children
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              DDPWorkerWatch.MARKER + "1"])
+    time.sleep(0.5)
+    watch = DDPWorkerWatch()
+    watch._ranks = ddp_children(os.getpid(), DDPWorkerWatch.MARKER)
+    assert watch._ranks == {child.pid: 1}, watch._ranks
+    child.send_signal(signal.SIGKILL)
+    # what rank 0 sees first when a peer dies: gloo's read error in a collective
+    watch.on_exception(None, None, RuntimeError("gloo: Read error: Connection reset by peer"))
+    print("on_exception returned", file=sys.stderr)
+    """
+)
+
+
+def test_a_collective_error_from_a_dead_rank_names_the_rank():
+    """The race of the test above, made certain: the connection error arrives before the
+    watcher's poll; `on_exception` still finds the dead rank and says so."""
+    result = subprocess.run(
+        [sys.executable, "-c", RANK0_SEES_A_CONNECTION_ERROR],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in lines[-1]

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -150,34 +151,46 @@ class DDPWorkerWatch(L.Callback):
 
     MARKER = "train_ddp_process_"  # in the command line Lightning gives each child rank
 
-    def __init__(self, period_s: float = 0.05) -> None:
+    def __init__(self, period_s: float = 0.05, grace_s: float = 2.0) -> None:
         self.period_s = period_s
+        self.grace_s = grace_s
+        self._ranks: dict[int, int] = {}  # pid -> local rank, of the children still running
         self._stop = threading.Event()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size > 1 and trainer.global_rank == 0:
-            ranks = ddp_children(os.getpid(), self.MARKER)
-            if ranks:  # one watcher per stage (fit, then test)
+            self._ranks = ddp_children(os.getpid(), self.MARKER)
+            if self._ranks:  # one watcher per stage (fit, then test)
                 self._stop = threading.Event()
-                threading.Thread(target=self._watch, args=(ranks,), daemon=True).start()
+                threading.Thread(target=self._watch, daemon=True).start()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._stop.set()
 
-    def _watch(self, ranks: dict[int, int]) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        """A dead rank often shows first as a connection error in rank 0's collective: give
+        the dead process a moment to be seen, so that the error names it."""
+        deadline = time.monotonic() + self.grace_s
+        while self._ranks and time.monotonic() < deadline:
+            self._poll()
+            time.sleep(self.period_s)
+
+    def _watch(self) -> None:
         while not self._stop.wait(self.period_s):
-            for pid, rank in list(ranks.items()):
-                try:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:  # reaped elsewhere: it ended
-                    ranks.pop(pid)
-                    continue
-                if not done:
-                    continue
-                ranks.pop(pid)
+            self._poll()
+
+    def _poll(self) -> None:
+        for pid, rank in list(self._ranks.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by the other caller of _poll, or by Lightning
+                self._ranks.pop(pid, None)
+                continue
+            if done:
+                self._ranks.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)
                 if code != 0:
-                    self._fail(rank, pid, code, ranks)
+                    self._fail(rank, pid, code, self._ranks)
 
     def _fail(self, rank: int, pid: int, code: int, others: dict[int, int]) -> None:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
