@@ -109,3 +109,24 @@ def test_bf16_autocast_stays_close_to_fp32():
     scale = exact.abs().max()
     assert scale > 0.05  # real logits, not the zero head's
     assert (low.float() - exact).abs().max() <= 0.05 * scale
+
+
+@pytest.mark.parametrize(
+    "overrides,cuda,expected",
+    [
+        ([], False, ("32-true", False)),  # the default trainer=auto on a CPU machine
+        ([], True, ("bf16-mixed", True)),  # ... and on a GPU machine: the fast path
+        (["trainer.accelerator=cpu"], True, ("32-true", False)),
+        (["trainer.compile=false"], True, ("bf16-mixed", False)),
+        (["trainer=gpu"], True, ("bf16-mixed", True)),
+        (["trainer=cpu"], True, ("32-true", False)),
+    ],
+)
+def test_speed_switches_follow_the_device(monkeypatch, overrides, cuda, expected):
+    from test_config import compose_cfg
+    from vitexp.config import validate
+    from vitexp.train import speed_switches
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert speed_switches(validate(compose_cfg(overrides)).trainer) == expected

@@ -345,7 +345,7 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
 
     from vitexp.config import validate
     from vitexp.module import ViTModule
-    from vitexp.train import CONFIG_DIR, build_trainer
+    from vitexp.train import CONFIG_DIR, build_trainer, speed_switches
 
     trainer_group = "gpu" if setup.device == "cuda" else "cpu"
     overrides = [
@@ -369,7 +369,7 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         c = validate(compose("train", overrides=overrides))
     net = VisionTransformer(num_classes=case.num_classes, **c.model.model_kwargs())
-    module = ViTModule(net, c.optim, c.schedule, c.loss, compile=c.trainer.compile)
+    module = ViTModule(net, c.optim, c.schedule, c.loss, compile=speed_switches(c.trainer)[1])
     timer = StepTimer(setup.warmup)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(c, Path(run_dir))

@@ -31,7 +31,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
 LOSSES = ("softmax", "sigmoid")
 LOGGERS = ("csv", "tensorboard", "wandb")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ON_CORRUPT = ("skip", "error")
 
 
@@ -153,7 +153,7 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: str = "32-true"  # auto: bf16-mixed on a CUDA GPU, else 32-true
     max_steps: int = -1
     max_epochs: int | None = None
     val_check_interval: Any = None
@@ -161,7 +161,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = 1.0  # global norm, as in the paper
     deterministic: bool = False
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = False  # torch.compile the model; null: on a CUDA GPU only
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     limit_test_batches: Any = None

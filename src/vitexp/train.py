@@ -21,6 +21,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -38,7 +39,7 @@ from vitexp.callbacks import (
 )
 from vitexp.checkpoint import AtomicCheckpointIO, load_pretrained, read_checkpoint
 from vitexp.cli import one_line, run_cli, single_run_errors, write_atomic
-from vitexp.config import LoggerConfig, TrainConfig, register_configs, validate
+from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig, register_configs, validate
 from vitexp.errors import CheckpointError, ConfigError, Interrupted, NotApplicableCell
 from vitexp.models import VisionTransformer
 
@@ -116,6 +117,19 @@ def build_logger(cfg: LoggerConfig, run_dir: Path):
     )
 
 
+def speed_switches(t: TrainerConfig) -> tuple[str, bool]:
+    """(precision, compile) with `auto` / null resolved for the device: on a CUDA GPU,
+    bf16 autocast (fp16 where bf16 is missing) and torch.compile, trainer=gpu's switches;
+    elsewhere fp32 and eager."""
+    gpu = t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    precision = t.precision
+    if precision == "auto" and not gpu:
+        precision = "32-true"
+    elif precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return precision, gpu if t.compile is None else t.compile
+
+
 def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
     """The Lightning Trainer of a run; `evaluator` adds few-shot evaluation at validation."""
     t = c.trainer
@@ -157,7 +171,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        precision=t.precision,
+        precision=speed_switches(t)[0],
         max_steps=t.max_steps,
         max_epochs=t.max_epochs if t.max_epochs else (-1 if t.max_steps > 0 else None),
         val_check_interval=t.val_check_interval,
@@ -235,7 +249,8 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "std": list(c.model.std),
         "model_name": c.model.name,
     }
-    module = ViTModule(net, c.optim, c.schedule, c.loss, meta, compile=c.trainer.compile)
+    compile_net = speed_switches(c.trainer)[1]
+    module = ViTModule(net, c.optim, c.schedule, c.loss, meta, compile=compile_net)
     evaluator = None
     if c.stage == "pretrain" and c.fewshot.enabled:
         from vitexp.fewshot import FewShotEvaluator
