@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vitexp.errors import VitexpError
 
@@ -140,3 +141,22 @@ def run_cli(entry: Callable[[], object]) -> None:
         if user_full:
             raise
         exit_with(err)
+
+
+def hydra_command(config_name: str, schema: type, task: Callable[[Any], object]) -> None:
+    """Run `task` on the typed config `configs/<config_name>.yaml` (whose defaults name the
+    schema `<config_name>_schema`) as a command line: Hydra overrides, one-line errors."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from vitexp.train import CONFIG_DIR
+
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    @single_run_errors
+    def _main(cfg) -> None:
+        task(OmegaConf.to_object(cfg))
+
+    run_cli(_main)

@@ -227,21 +227,9 @@ def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from vitexp.cli import hydra_command
 
-    from vitexp.cli import run_cli, single_run_errors
-    from vitexp.train import CONFIG_DIR
-
-    ConfigStore.instance().store(name="fewshot_schema", node=FewshotCommandConfig)
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fewshot")
-    @single_run_errors
-    def _main(cfg) -> None:
-        evaluate_checkpoint(OmegaConf.to_object(cfg))
-
-    run_cli(_main)
+    hydra_command("fewshot", FewshotCommandConfig, evaluate_checkpoint)
 
 
 if __name__ == "__main__":

@@ -341,21 +341,9 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from vitexp.cli import hydra_command
 
-    from vitexp.cli import run_cli, single_run_errors
-    from vitexp.train import CONFIG_DIR
-
-    ConfigStore.instance().store(name="visualize_schema", node=VisualizeCommandConfig)
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="visualize")
-    @single_run_errors
-    def _main(cfg) -> None:
-        visualize_checkpoint(OmegaConf.to_object(cfg))
-
-    run_cli(_main)
+    hydra_command("visualize", VisualizeCommandConfig, visualize_checkpoint)
 
 
 if __name__ == "__main__":
