@@ -43,3 +43,14 @@ def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> dict:
+    """results.json of the short run (run_helpers.RUN) that nothing interrupts: what every
+    killed-and-resumed run must end with."""
+    from run_helpers import finish, results, start
+
+    run_dir = tmp_path_factory.mktemp("whole") / "whole"
+    finish(start(run_dir))
+    return results(run_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_resume import RUN, finish, results, start
+from run_helpers import RUN, finish, results, start
 from test_train import train
 from vitexp.callbacks import DDPWorkerWatch, ddp_children
 from vitexp.checkpoint import AtomicCheckpointIO
@@ -123,7 +123,7 @@ SLOW_SAVE_TRAIN = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("nth_save", [2, 5])
 def test_sigkill_during_a_checkpoint_save_then_resume_matches(
-    tmp_path: Path, nth_save: int, uninterrupted_24: dict
+    tmp_path: Path, nth_save: int, uninterrupted: dict
 ):
     run_dir = tmp_path / "killed"
     partial = run_dir / "checkpoints" / ".last.ckpt.partial"
@@ -147,16 +147,9 @@ def test_sigkill_during_a_checkpoint_save_then_resume_matches(
     assert checkpoint["global_step"] > 0
     finish(start(run_dir, "ckpt_path=last"))
     resumed = results(run_dir)
-    assert resumed["steps"] == uninterrupted_24["steps"] == 24
-    for key, value in uninterrupted_24["metrics"].items():
+    assert resumed["steps"] == uninterrupted["steps"] == 24
+    for key, value in uninterrupted["metrics"].items():
         assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_24(tmp_path_factory) -> dict:
-    run_dir = tmp_path_factory.mktemp("whole") / "whole"
-    finish(start(run_dir))
-    return results(run_dir)
 
 
 @pytest.mark.slow
