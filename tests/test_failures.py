@@ -74,20 +74,33 @@ def test_atomic_writer_leaves_no_partial_file_on_error(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize(
+    ("log_every", "bad_step", "ckpt_every", "last_good"),
+    [(1, 3, 2, 2), (10, 5, 4, 4)],  # checked every step; checked only when saving (step 8)
+)
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch, log_every, bad_step, ckpt_every, last_good
+):
     real_loss = ViTModule.loss_fn
 
     def loss_going_nan(self, logits, labels):
         loss = real_loss(self, logits, labels)
-        return loss * float("nan") if self.training and self.global_step == 3 else loss
+        return loss * float("nan") if self.training and self.global_step == bad_step else loss
 
     monkeypatch.setattr(ViTModule, "loss_fn", loss_going_nan)
     run_dir = tmp_path / "nan"
-    with pytest.raises(Diverged, match=r"training loss is nan at step 3 \(epoch 0\)") as err:
-        train(run_dir, "trainer.checkpoint_every_n_steps=2", "trainer.max_steps=6")
+    match = rf"training loss is nan at step {bad_step} \(epoch 0\)"
+    with pytest.raises(Diverged, match=match) as err:
+        train(
+            run_dir,
+            f"trainer.checkpoint_every_n_steps={ckpt_every}",
+            f"trainer.log_every_n_steps={log_every}",
+            "trainer.val_check_interval=100",
+            "trainer.max_steps=9",
+        )
     assert err.value.exit_code == 3
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 2  # saved before the bad step; not overwritten after it
+    assert last["global_step"] == last_good  # saved before the bad step; never after it
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     assert not (run_dir / "results.json").exists()
 

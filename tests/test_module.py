@@ -91,8 +91,35 @@ def test_nan_loss_stops_with_the_step():
     with torch.no_grad():
         module.net.head.weight.fill_(float("nan"))
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    module.training_step(batch, 0)  # recorded, not checked: checking would wait for the GPU
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step 0 \(epoch 0\)"):
-        module.training_step(batch, 0)
+        module.raise_if_diverged()
+    module.raise_if_diverged()  # reported once; nothing left to check
+
+
+def test_training_step_never_waits_for_the_device(monkeypatch):
+    """No host-device sync per step: reading a tensor's value (item, bool, float) fails."""
+    module = make_module()
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+    def sync(*args):
+        raise AssertionError("training_step read a tensor's value")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "__bool__", "__float__", "tolist"):
+            m.setattr(torch.Tensor, name, sync)
+        for step in range(3):
+            module.training_step(batch, step)
+    module.raise_if_diverged()  # all finite: no error
+    with torch.no_grad():
+        module.net.head.bias.fill_(float("inf"))
+    module.training_step(batch, 3)
+    module.training_step(batch, 4)
+    with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step 0"):
+        module.raise_if_diverged()
+    with pytest.raises(FloatingPointError):  # a checkpoint of a diverged state is refused
+        module.training_step(batch, 5)
+        module.on_save_checkpoint({})
 
 
 def test_checkpoint_records_how_to_rebuild():

@@ -33,6 +33,7 @@ LOSSES = ("softmax", "sigmoid")
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ON_CORRUPT = ("skip", "error")
+FSDP_STATE_DICTS = ("full", "sharded")
 
 
 @dataclass
@@ -107,6 +108,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     stem: str = "patch"
     norm_eps: float = 1e-6
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory
     # the input normalisation the model expects (the paper's code: [-1, 1])
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -168,6 +170,9 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = None  # also save last.ckpt every n steps
     progress_bar: bool = True  # rich progress bar
     ddp_timeout_s: int = 1800
+    # strategy=fsdp: `full` writes last.ckpt as one file (rank 0 gathers the weights), `sharded`
+    # as a directory of per-rank shards (no gather: for models too large for one host's RAM)
+    fsdp_state_dict: str = "full"
 
 
 @dataclass
@@ -282,6 +287,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _one_of("loss.name", c.loss.name, LOSSES)
     _fraction("loss.label_smoothing", c.loss.label_smoothing)
     _validate_trainer(c.trainer)
+    if c.trainer.strategy == "fsdp" and c.stage == "pretrain" and (c.fewshot.enabled or c.figures):
+        raise ConfigError(
+            "trainer=fsdp shards the weights across ranks; set fewshot.enabled=false "
+            "figures=false and run vitexp.fewshot / vitexp.visualize on the checkpoint instead"
+        )
     _one_of("logger.name", c.logger.name, LOGGERS)
     if c.stage == "pretrain" and c.fewshot.enabled:
         validate_fewshot(c.fewshot)
@@ -312,6 +322,10 @@ def _validate_data(d: DataConfig, key: str = "data") -> None:
     _positive(f"{key}.num_workers", d.num_workers, allow_zero=True)
     _fraction(f"{key}.val_fraction", d.val_fraction)
     _fraction(f"{key}.test_fraction", d.test_fraction)
+    _positive(f"{key}.val_size", d.val_size)
+    _positive(f"{key}.shuffle_buffer", d.shuffle_buffer)
+    for split in ("num_train", "num_val", "num_test"):
+        _positive(f"{key}.shapes.{split}", getattr(d.shapes, split))
     if d.global_batch_size and d.global_batch_size % d.batch_size:
         raise ConfigError(
             f"{key}.global_batch_size={d.global_batch_size} is not a multiple of "
@@ -343,6 +357,14 @@ def _validate_model(m: ModelConfig) -> None:
 
     for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         _fraction(f"model.{key}", getattr(m, key))
+    # 0 would read as "unset" in code that tests truthiness: refuse it where it means nothing
+    stride = m.patch_stride
+    if stride is not None and (stride if isinstance(stride, int) else min(stride)) < 1:
+        raise ConfigError(
+            f"model.patch_stride={stride} must be >= 1; null means patch_size (no overlap)"
+        )
+    for key in ("in_chans", "num_heads", "mlp_ratio", "representation_size", "norm_eps"):
+        _positive(f"model.{key}", getattr(m, key))
     if len(m.mean) != m.in_chans or len(m.std) != m.in_chans:
         raise ConfigError(f"model.mean/std need {m.in_chans} values (model.in_chans)")
     try:
@@ -377,3 +399,11 @@ def _validate_trainer(t: TrainerConfig) -> None:
     _positive("trainer.log_every_n_steps", t.log_every_n_steps)
     _positive("trainer.gradient_clip_val", t.gradient_clip_val, allow_zero=True)
     _positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps)
+    _one_of("trainer.fsdp_state_dict", t.fsdp_state_dict, FSDP_STATE_DICTS)
+    _positive("trainer.check_val_every_n_epoch", t.check_val_every_n_epoch)
+    if isinstance(t.val_check_interval, (int, float)):
+        _positive("trainer.val_check_interval", t.val_check_interval)
+    _positive("trainer.ddp_timeout_s", t.ddp_timeout_s)
+    devices = t.devices
+    if type(devices) is int and (devices == 0 or devices < -1):
+        raise ConfigError(f"trainer.devices={t.devices} must be >= 1, -1 (all) or a list")

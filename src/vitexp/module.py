@@ -92,6 +92,8 @@ class ViTModule(L.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # (step, epoch, loss) of the steps whose loss has not been checked for NaN/inf yet
+        self._unchecked_losses: list[tuple[int, int, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._forward[0](images)
@@ -109,12 +111,7 @@ class ViTModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.loss_fn(logits, labels)
-        if not torch.isfinite(loss):
-            raise Diverged(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}); lower optim.lr or check the data. Nothing was saved "
-                "from this step: checkpoints/last.ckpt, if any, is the last good state."
-            )
+        self._unchecked_losses.append((self.global_step, self.current_epoch, loss.detach()))
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
@@ -136,6 +133,61 @@ class ViTModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    # --- divergence ------------------------------------------------------------------------
+    def raise_if_diverged(self) -> None:
+        """Raise `Diverged` naming the first step whose training loss was NaN or infinite.
+
+        Checking every loss at once would wait for the GPU at every step; the losses are kept
+        on the device and checked in one go here: every `log_every_n_steps`, before any
+        checkpoint is written, before validation and at the end of training. A bad step
+        therefore never reaches a checkpoint: the last one written is the last good state.
+        """
+        if not self._unchecked_losses:
+            return
+        pending, self._unchecked_losses = self._unchecked_losses, []
+        finite = torch.isfinite(torch.stack([loss.float() for _, _, loss in pending]))
+        if bool(finite.all()):  # the one host-device sync
+            return
+        step, epoch, loss = pending[int((~finite).nonzero()[0])]
+        raise Diverged(
+            f"training loss is {loss.item()} at step {step} (epoch {epoch}); lower optim.lr or "
+            "check the data. Nothing was saved from this step on: checkpoints/last.ckpt, if "
+            "any, is the last good state."
+        )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.raise_if_diverged()
+
+    def on_validation_start(self) -> None:
+        self.raise_if_diverged()
+
+    def on_train_end(self) -> None:
+        self.raise_if_diverged()
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip the global gradient norm (the paper: 1) for every optimizer and precision.
+
+        Lightning refuses to clip with fused optimizers under mixed precision (they unscale
+        fp16 gradients inside `step`), though bf16 has no scaler at all; with fp16 the grads
+        are unscaled here first, which fused optimizers accept. Under FSDP the norm must be
+        computed over the shards by the wrapped root module.
+        """
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # Lightning unscales the other optimizers itself
+        root = self.trainer.strategy.model
+        if hasattr(root, "clip_grad_norm_"):  # FSDP: a norm over all shards
+            norm = root.clip_grad_norm_(gradient_clip_val)
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     # --- optimisation ----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -177,7 +229,9 @@ class ViTModule(L.LightningModule):
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record how to rebuild the network (grid, prefix tokens, position embedding) and
-        the RNG state, so that a resumed run draws the same dropout masks."""
+        the RNG state, so that a resumed run draws the same dropout masks. A diverged state
+        is never saved."""
+        self.raise_if_diverged()
         net = self.net
         checkpoint["vitexp"] = {
             "format": CHECKPOINT_FORMAT,

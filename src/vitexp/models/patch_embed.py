@@ -66,7 +66,9 @@ class PatchEmbed(nn.Module):
     ):
         super().__init__()
         self.patch_size = to_2tuple(patch_size, "patch_size")
-        self.stride = to_2tuple(patch_stride, "patch_stride") if patch_stride else self.patch_size
+        self.stride = (
+            self.patch_size if patch_stride is None else to_2tuple(patch_stride, "patch_stride")
+        )
         self.img_size = to_2tuple(img_size, "img_size")
         self.grid_size = patch_grid(self.img_size, self.patch_size, self.stride)
         self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, self.stride)
