@@ -48,6 +48,10 @@ visualize: pretrain  ## the paper's four figures of the quickstart checkpoint ->
 scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget
 	$(PY) -m vitexp.train +experiment=quickstart_scratch $(ARGS)
 
+gpu-check: $(VENV)/.installed  ## first run on a new (GPU) machine: bf16, compile, fused, clipping, resume, DDP, img/s
+	@mkdir -p outputs
+	$(PY) -m vitexp.gpu_check --out outputs/gpu_check.json $(ARGS)
+
 bench: $(VENV)/.installed  ## speed and memory vs timm (CPU; GPU when present) and the data pipeline -> outputs/bench.json
 	@mkdir -p outputs
 	$(PY) -m vitexp.bench --out outputs/bench.json $(ARGS)
@@ -76,4 +80,4 @@ clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints incl
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install pretrain finetune sweep visualize scratch bench test test-fast lint format clean clean-runs distclean
+.PHONY: help install pretrain finetune sweep visualize scratch gpu-check bench test test-fast lint format clean clean-runs distclean

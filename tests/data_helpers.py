@@ -73,17 +73,20 @@ def write_folder(root: Path, classes: dict[str, int], start: int = 0, ext: str =
     return value
 
 
-def write_parquet(path: Path, ids: range, names=("a", "b", "c")) -> None:
-    """A parquet file with a datasets Image column (image id i filled with i) and a ClassLabel."""
+def write_parquet(path: Path, ids: range, names=("a", "b", "c"), labels=None) -> None:
+    """A parquet file with a datasets Image column (image id i filled with i) and a ClassLabel,
+    or, given `labels`, a plain label column (int64 or string) holding them."""
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as HFImage
 
-    features = Features(
-        {"image": HFImage(), "label": ClassLabel(names=list(names)), "idx": Value("int64")}
-    )
+    if labels is None:
+        label = ClassLabel(names=list(names))
+    else:
+        label = Value("string" if isinstance(labels[0], str) else "int64")
+    features = Features({"image": HFImage(), "label": label, "idx": Value("int64")})
     rows = {
         "image": [{"bytes": png_bytes(solid(i % 256, (4, 4))), "path": None} for i in ids],
-        "label": [i % len(names) for i in ids],
+        "label": [i % len(names) for i in ids] if labels is None else list(labels),
         "idx": list(ids),
     }
     Dataset.from_dict(rows, features=features).to_parquet(str(path))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_helpers import write_folder
+from data_helpers import write_folder, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +91,15 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
         ("precision", [*t, "trainer.precision=8"], r"trainer\.precision='8' is not allowed"),
         ("global batch", [*t, "data.global_batch_size=100"], r"global_batch_size=100 is not a"),
         ("finetune alone", [*t, "stage=finetune"], r"stage=finetune needs pretrained=PATH"),
+        # zero where code would read it as "unset"
+        ("zero stride", [*t, "model.patch_stride=0"], r"model\.patch_stride=0 must be >= 1"),
+        ("zero heads", [*t, "model.num_heads=0"], r"model\.num_heads=0 must be > 0"),
+        ("zero pre-logits", [*t, "model.representation_size=0"], r"representation_size=0"),
+        ("zero devices", [*t, "trainer.devices=0"], r"trainer\.devices=0 must be >= 1"),
+        ("zero timeout", [*t, "trainer.ddp_timeout_s=0"], r"trainer\.ddp_timeout_s=0"),
+        ("zero val size", [*t, "data.val_size=0"], r"data\.val_size=0 must be > 0"),
+        # a GPU preset on this CPU machine: say how to run it here
+        ("gpu on cpu", [*t, "trainer=gpu"], r"no CUDA GPU; add trainer=cpu"),
         # --- data
         (
             "missing root",
@@ -146,6 +155,27 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
             r"nope\.parquet",
         ),  # fmt: skip
         ("shapes classes", [*t, "data.num_classes=100"], r"num_classes=100"),
+        (
+            "stream without max_steps",
+            [
+                *t,
+                "data=hf",
+                "data.dataset=parquet",
+                "data.streaming=true",
+                "data.num_classes=3",
+                "data.val_size=4",
+                "data.batch_size=4",
+                f"data.data_files.train={ws / 'data' / 'stream.parquet'}",
+                "trainer.max_steps=-1",
+                "trainer.max_epochs=1",
+            ],
+            r"set trainer\.max_steps",
+        ),  # fmt: skip
+        (
+            "data before device",
+            ["vitexp.train", "+experiment=pretrain_in21k", f"data.root={ws / 'wrong'}"],
+            r"wrong",  # the missing data is named, not the missing GPU
+        ),  # fmt: skip
         # --- checkpoints
         ("pretrained missing", [*t, *fine, f"pretrained={ws / 'nope.ckpt'}"], r"nope\.ckpt"),
         (
@@ -220,6 +250,7 @@ def workspace(tmp_path_factory) -> Path:
     torch.save({"state_dict": {"w": _Evil(ws / "PWNED")}}, bad / "hostile.ckpt")
     (ws / "data" / "empty").mkdir(parents=True)
     write_folder(ws / "data" / "three", {"a": 2, "b": 2, "c": 2})
+    write_parquet(ws / "data" / "stream.parquet", range(40))
     for name in ("x", "y"):
         folder = ws / "data" / "corrupt" / name
         folder.mkdir(parents=True)

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -204,6 +205,61 @@ class DDPWorkerWatch(L.Callback):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(other, signal.SIGKILL)
         os._exit(1)
+
+
+class SignalDeadline(L.Callback):
+    """In a multi-process run, exit 143 with one line if the process still runs `timeout_s`
+    (the DDP timeout) after a SIGTERM, killing the DDP ranks it started (as DDPWorkerWatch).
+
+    Lightning stops on SIGTERM at a batch boundary, and Python runs signal handlers only
+    between bytecodes: a rank blocked inside a collective that will not finish reaches
+    neither, and would outlive the signal for as long as the collective hangs. So SIGTERM
+    is noticed beside Python's handlers: the interpreter's C-level handler writes each
+    signal's number to the wakeup fd (`signal.set_wakeup_fd`), which a daemon thread reads.
+    Lightning's handler stays as it is, and so does the graceful stop.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.rank = 0
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        self._forward = -1  # a wakeup fd that was there before: it gets every byte too
+        self._timer: threading.Timer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            self.install(trainer.global_rank)
+
+    def install(self, rank: int) -> None:
+        if self._pair or threading.current_thread() is not threading.main_thread():
+            return  # once per process; the wakeup fd is set from the main thread only
+        self.rank = rank
+        self._pair = socket.socketpair()
+        self._pair[1].setblocking(False)
+        self._forward = signal.set_wakeup_fd(self._pair[1].fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, daemon=True, name="sigterm-deadline").start()
+
+    def _watch(self) -> None:
+        while data := self._pair[0].recv(512):
+            if self._forward != -1:
+                with contextlib.suppress(OSError):
+                    os.write(self._forward, data)
+            if int(signal.SIGTERM) in data and self._timer is None:
+                self._timer = threading.Timer(self.timeout_s, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        print(
+            f"error: rank {self.rank} still blocked {self.timeout_s:g}s after SIGTERM (a "
+            "collective that will not finish); exiting",
+            file=sys.stderr,
+            flush=True,
+        )
+        for pid in ddp_children(os.getpid(), DDPWorkerWatch.MARKER):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(143)
 
 
 def ddp_children(parent: int, marker: str) -> dict[int, int]:

@@ -208,7 +208,7 @@ class ViTModule(L.LightningModule):
         optimizer = build_optimizer(self.parameter_groups(), self.optim_cfg)
         s = self.schedule_cfg
         total_steps = self.trainer.estimated_stepping_batches
-        if math.isinf(total_steps):
+        if math.isinf(total_steps) or total_steps < 1:  # Lightning gives -1 for some streams
             raise ConfigError(
                 "trainer.max_steps is not set and the data has no length (streaming): "
                 "set trainer.max_steps to give the schedule its end"

@@ -15,6 +15,8 @@ Training order is a permutation that depends only on (seed, epoch), sharded by r
 each sample's augmentation is seeded by (seed, epoch, index): results do not depend on the
 number of workers, and the train loader saves how far into the epoch it got, so a run
 resumed mid-epoch from a checkpoint sees exactly the batches the killed run would have.
+A streamed train split (`hf.StreamSplit`) does the same with rows interleaved across ranks,
+every rank getting the same number of whole batches.
 A corrupt image skipped under data.on_corrupt=skip leaves its batch one short; a batch with
 nothing left is (0, 3, H, W) images and (0,) labels.
 """
@@ -172,7 +174,9 @@ class ImageDataModule(L.LightningDataModule):
         transform = self._transform(train=True)
         if isinstance(ds, hf.StreamSplit):
             stream = TransformedStream(ds.configure(rank, world, self.seed), transform)
-            # workers keep their copy of the dataset: persistent ones would miss set_epoch
+            # the stream makes whole batches itself (start_at tells it batch_size), the same
+            # number on every rank; workers keep their copy of the dataset: persistent ones
+            # would miss set_epoch
             return TrainLoader(stream, world, drop_last=True, persistent_workers=False, **kw)
         sampler = EpochSampler(len(ds), self.seed, rank, world)
         if len(sampler) < self.cfg.batch_size:

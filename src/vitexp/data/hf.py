@@ -7,6 +7,7 @@ import contextlib
 import copy
 import hashlib
 import itertools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from vitexp.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.data.sources import HF_BUILDERS, Splits, _fractions
 from vitexp.errors import DataError
+
+log = logging.getLogger("vitexp")
 
 
 class HFSplit(Dataset):
@@ -189,51 +192,114 @@ def _row_name(value: Any, fallback: str) -> str:
 
 def _row_key(value: Any) -> bytes:
     """Identity of a stream row (its path, else a hash of its bytes), to keep held-out rows
-    out of train whatever the sharding."""
+    out of train whatever the order."""
     if isinstance(value, dict) and value.get("bytes") is not None:
         return hashlib.blake2b(value["bytes"], digest_size=16).digest()
     return str(_row_name(value, repr(value))).encode()
 
 
+def _row_size(value: Any) -> int:
+    return len(value["bytes"]) if isinstance(value, dict) and value.get("bytes") else -1
+
+
+class HeldOut:
+    """The rows that val/test took from the head of train, which train drops wherever the
+    shuffle puts them. A row's bytes are hashed only when their length is that of a held-out
+    row: every row of every epoch passes through here."""
+
+    def __init__(self, values: list[Any]) -> None:
+        self.sizes = {_row_size(v) for v in values}
+        self.keys = {_row_key(v) for v in values}
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __contains__(self, value: Any) -> bool:
+        return _row_size(value) in self.sizes and _row_key(value) in self.keys
+
+
+def _label(value: Any, n: int, row: str) -> int:
+    """A row's label, refused (one line) outside 0..num_classes-1."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < n:
+        return int(value)
+    raise DataError(
+        f"{row}: label {value!r} is outside 0..{n - 1} (data.num_classes={n}); fix the row "
+        "or set data.num_classes"
+    )
+
+
+def _stream_class_names(cfg: DataConfig, feature: Any, origin: str) -> list[str]:
+    """A ClassLabel's names; for an integer column (a stream has no cheap way to see all
+    values), "0".."num_classes-1" from data.num_classes, each row checked when read."""
+    from datasets import ClassLabel, Value
+
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    if feature is None or (isinstance(feature, Value) and "int" in feature.dtype):
+        return [str(i) for i in range(cfg.num_classes)]
+    raise DataError(
+        f"{origin}: streaming needs a ClassLabel or integer label column (data.label_column="
+        f"{cfg.label_column} is {feature}); map it to integers or set data.streaming=false"
+    )
+
+
 def _hf_streaming(cfg, dd, prepare, names, decoder, origin) -> Splits:
     """Streaming: train is a StreamSplit; val/test without their own split are the first
     val_size (then the next val_size) rows of train, held in memory, and train drops them."""
-    if names is None:
-        raise DataError(
-            f"{origin}: streaming needs a ClassLabel label column (data.label_column="
-            f"{cfg.label_column}); cast it to ClassLabel or set data.streaming=false"
-        )
+    features = dd[cfg.train_split].features or {}
+    names = names or _stream_class_names(cfg, features.get(cfg.label_column), origin)
     train = prepare(dd[cfg.train_split])
     held: dict[str, Dataset] = {}
     head = iter(train)
-    exclude: set[bytes] = set()
+    taken: list[Any] = []
     for key in ("val_split", "test_split"):
         split = getattr(cfg, key)
         if split is not None:
             held[key] = StreamSplit(prepare(dd[split]), cfg, decoder, f"{origin}[{split}]")
             continue
-        rows = [
-            (r[cfg.image_column], int(r[cfg.label_column]))
-            for r in itertools.islice(head, cfg.val_size)
-        ]
-        exclude |= {_row_key(v) for v, _ in rows}
-        held[key] = RowsSplit(rows, decoder, f"{origin}[{cfg.train_split} head]")
-    stream = StreamSplit(train, cfg, decoder, f"{origin}[{cfg.train_split}]", exclude)
+        where = f"{origin}[{cfg.train_split} head]"
+        rows = []
+        for r in itertools.islice(head, cfg.val_size):
+            value = r[cfg.image_column]
+            row = _row_name(value, f"{where}[{len(taken) + len(rows)}]")
+            rows.append((value, _label(r[cfg.label_column], len(names), row)))
+        taken += [value for value, _ in rows]
+        held[key] = RowsSplit(rows, decoder, where)
+    stream = StreamSplit(train, cfg, decoder, f"{origin}[{cfg.train_split}]", HeldOut(taken))
     return Splits(stream, held["val_split"], held["test_split"], list(names), origin)
 
 
-class StreamSplit(IterableDataset):
-    """An HF streaming split yielding (PIL | None, label, sample_seed).
+def _chunks(items, n: int):
+    """Consecutive lists of n items; the last may be shorter."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
-    `configure(rank, world_size, shuffle_seed)` returns the copy for one rank: shuffled with
-    data.shuffle_buffer and the seed (HF re-seeds it with `set_epoch`) when training,
-    sharded with `split_dataset_by_node`; HF then gives each dataloader worker its own
-    shards. `start_at(epoch, batches, batch_size)` makes the epoch skip, without decoding,
-    the rows of batches that a killed run consumed (the loader reads workers in turn). The
-    augmentation seed of a row is a function of (seed, epoch, rank, worker, position).
-    With num_workers <= 1 a resumed epoch is exactly the killed one's rest; with more, it
-    is the same batches, but the loader restarts its worker rotation at worker 0, so they
-    come in a slightly different order.
+
+class StreamSplit(IterableDataset):
+    """An HF streaming split yielding (PIL | None, label, sample_seed), the same rows in the
+    same batches whatever the number of ranks' loader workers, and resumable exactly.
+
+    `configure(rank, world_size, shuffle_seed)` returns the copy for one rank; with a seed
+    (training) the stream is shuffled with data.shuffle_buffer, and HF re-seeds it per epoch
+    (`set_epoch`), identically on every rank and worker. Row i of that stream (held-out head
+    rows dropped) goes to rank i % world_size:
+
+    - training keeps only complete rounds of world_size rows and complete batches, so every
+      rank gets floor(N / world_size) rows and the same number of batches, and all ranks
+      end each epoch together (whole shards per rank would leave a rank waiting in a
+      collective, and over-represent small shards); up to world_size - 1 rows and up to a
+      batch per rank are left out of each epoch, different ones each epoch;
+    - evaluation keeps every row, no padding.
+
+    Batch j of a rank is its rows j*B..(j+1)*B-1; loader worker w of nw yields the batches
+    j >= start with (j - start) % nw == w, which the DataLoader, taking workers in turn,
+    delivers as start, start+1, ...; `start_at(epoch, batches, batch_size)` sets start when
+    a resumed epoch skips what a killed run consumed. The cost: every worker of every rank
+    reads the raw bytes of the whole stream (cheap: no decoding, and no hashing unless a
+    held-out head must be dropped) and decodes only its own rows. HF's own split of shards
+    between loader workers is not used (it makes batches depend on shard sizes). A row's
+    augmentation seed is a function of (seed, epoch, i).
     """
 
     def __init__(
@@ -242,55 +308,81 @@ class StreamSplit(IterableDataset):
         cfg: DataConfig,
         decoder: ImageDecoder,
         name: str,
-        exclude: set[bytes] | None = None,
+        exclude: HeldOut | None = None,
     ) -> None:
-        self.ds, self.decoder, self.name, self.exclude = ds, decoder, name, exclude or set()
+        self.ds, self.decoder, self.name, self.exclude = ds, decoder, name, exclude
         self.image_column, self.label_column = cfg.image_column, cfg.label_column
-        self.buffer = cfg.shuffle_buffer
-        self.rank, self.seed, self.epoch = 0, 0, 0
-        self._start: tuple[int, int, int] | None = None  # (epoch, batches, batch_size)
+        self.buffer, self.num_classes = cfg.shuffle_buffer, cfg.num_classes
+        self.batch_size = cfg.batch_size  # the loader's; start_at says it again
+        self.rank, self.world_size, self.seed, self.epoch = 0, 1, 0, 0
+        self.train = False
+        self._start: tuple[int, int] | None = None  # (epoch, batches consumed)
 
     def configure(self, rank: int, world_size: int, shuffle_seed: int | None) -> StreamSplit:
-        from datasets.distributed import split_dataset_by_node
-
-        ds = self.ds
-        if shuffle_seed is not None:
-            ds = ds.shuffle(seed=shuffle_seed, buffer_size=self.buffer)
         out = copy.copy(self)
-        out.ds = (
-            split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
-        )
-        out.rank, out.seed = rank, shuffle_seed or 0
+        out.train = shuffle_seed is not None
+        if out.train:
+            out.ds = self.ds.shuffle(seed=shuffle_seed, buffer_size=self.buffer)
+            if world_size > 1 and rank == 0:
+                log.info(
+                    "streamed train data: rows interleaved across %d ranks (row i -> rank "
+                    "i %% %d), each rank reads every shard and decodes its own rows",
+                    world_size,
+                    world_size,
+                )
+        out.rank, out.world_size, out.seed = rank, world_size, shuffle_seed or 0
         return out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def start_at(self, epoch: int, batches: int, batch_size: int) -> None:
-        self._start = (epoch, batches, batch_size)
+        self._start, self.batch_size = (epoch, batches), batch_size
 
     def __iter__(self):
         worker = get_worker_info()
         wid, nw = (worker.id, worker.num_workers) if worker else (0, 1)
-        skip = 0
-        if self._start and self._start[0] == self.epoch:
-            _, batches, batch_size = self._start
-            skip = len(range(wid, batches, nw)) * batch_size  # this worker's share, in order
+        start = self._start[1] if self._start and self._start[0] == self.epoch else 0
         self.ds.set_epoch(self.epoch)
-        base = int.from_bytes(
-            hashlib.blake2b(
-                repr((self.seed, self.epoch, self.rank, wid)).encode(), digest_size=7
-            ).digest()
-        )
-        return self._rows(skip, base)
+        return self._items(start, wid, nw)
 
-    def _rows(self, skip: int, base: int):
-        rows = (
-            r
-            for r in self.ds
-            if not self.exclude or _row_key(r[self.image_column]) not in self.exclude
+    def _stream(self):
+        """(value, label) of every row, held-out ones dropped. `ds.iter` rather than
+        `iter(ds)`: inside a loader worker the latter reads only that worker's shards."""
+        if get_worker_info() is not None:
+            import fsspec.asyn
+
+            fsspec.asyn.reset_lock()  # as HF does in a worker: a forked lock would hang
+        for batch in self.ds.iter(batch_size=64):
+            columns = batch[self.image_column], batch[self.label_column]
+            for value, label in zip(*columns, strict=True):
+                if not (self.exclude and value in self.exclude):
+                    yield value, label
+
+    def _items(self, start: int, wid: int, nw: int):
+        world, rank, size = self.world_size, self.rank, self.batch_size
+        mine = (  # (i, value, label) of this rank's rows
+            (k * world + rank, *round_[rank])
+            for k, round_ in enumerate(_chunks(self._stream(), world))
+            if len(round_) > rank and (len(round_) == world or not self.train)
         )
-        for k, row in enumerate(itertools.islice(rows, skip, None), start=skip):
-            value = row[self.image_column]
-            img = self.decoder(value, _row_name(value, f"{self.name}[{k}]"))
-            yield img, int(row[self.label_column]), (base + k * 0x9E3779B1) % (1 << 62)
+        base = int.from_bytes(
+            hashlib.blake2b(repr((self.seed, self.epoch)).encode(), digest_size=7).digest()
+        )
+        batches = 0
+        for j, batch in enumerate(_chunks(mine, size)):
+            if self.train and len(batch) < size:
+                break
+            batches += 1
+            if j < start or (j - start) % nw != wid:
+                continue
+            for i, value, label in batch:
+                row = _row_name(value, f"{self.name}[{i}]")
+                seed = (base + i * 0x9E3779B1) % (1 << 62)
+                label = _label(label, self.num_classes, row)
+                yield self.decoder(value, row), label, seed
+        if self.train and batches == 0:
+            raise DataError(
+                f"{self.name}: the stream has fewer rows than data.batch_size x devices = "
+                f"{size} x {world} (after the held-out head); lower data.batch_size"
+            )
