@@ -61,7 +61,8 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
     pre = ws / "runs" / "pre"
     ckpt = pre / "checkpoints" / "last.ckpt"
     bad = ws / "bad"
-    fine = ["stage=finetune", "data=digits", "model.depth=1", "model.embed_dim=32"]
+    fine = ["stage=finetune", "data=digits", "data.num_classes=10", "model.depth=1"]
+    fine += ["model.embed_dim=32"]
     t = ["vitexp.train", *TINY]  # each train case gets its own fresh run directory below
     return [
         # --- configs and the command line
@@ -164,6 +165,7 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
                 "data.streaming=true",
                 "data.num_classes=3",
                 "data.val_size=4",
+                "data.test_split=null",
                 "data.batch_size=4",
                 f"data.data_files.train={ws / 'data' / 'stream.parquet'}",
                 "trainer.max_steps=-1",
@@ -174,7 +176,7 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
         (
             "data before device",
             ["vitexp.train", "+experiment=pretrain_in21k", f"data.root={ws / 'wrong'}"],
-            r"wrong",  # the missing data is named, not the missing GPU
+            r"wrong/train-\*\.parquet matches no file",  # not the missing GPU
         ),  # fmt: skip
         # --- checkpoints
         ("pretrained missing", [*t, *fine, f"pretrained={ws / 'nope.ckpt'}"], r"nope\.ckpt"),
@@ -196,6 +198,7 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
                 *t,
                 "stage=finetune",
                 "data=digits",
+                "data.num_classes=10",
                 "model.depth=2",
                 "model.embed_dim=32",
                 f"pretrained={ckpt}",

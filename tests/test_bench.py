@@ -62,6 +62,14 @@ def test_cpu_peak_memory_sees_a_100mb_allocation():
     assert 90 <= mem["mb"] <= 140
 
 
+def test_grad_checkpointing_lowers_the_peak_memory_of_a_train_step():
+    case = bench.Case(size="S/16", img_size=96, batch=16)
+    out = bench.checkpointing_memory(case, bench.Setup(repeats=1))
+    off, on = out["peak_mem_mb"]["off"][0], out["peak_mem_mb"]["on"][0]
+    assert off > 50  # activations of 12 blocks x 16 images x 37 tokens: well above noise
+    assert out["ratio"] == pytest.approx(on / off) and out["ratio"] < 0.8
+
+
 @pytest.mark.parametrize("pool", ["cls", "gap"])
 def test_analytic_flops_match_torch_flop_counter(pool):
     case = bench.Case(size="S/16", img_size=224, batch=1, pool=pool)
@@ -112,6 +120,10 @@ def test_cli_quick_suite_writes_bench_json(tmp_path, monkeypatch):
     assert saved["machine"]["torch"] == torch.__version__
     assert [c["case"] for c in saved["cpu"]["cases"]] == [c.name for c in small]
     assert saved["cpu"]["lightning"]["case"] == small[1].name
+    memory = saved["cpu"]["grad_checkpointing"]
+    assert memory["case"] == small[1].name
+    assert len(memory["peak_mem_mb"]["off"]) == len(memory["peak_mem_mb"]["on"]) == 2
+    assert memory["ratio"] > 0
     if not torch.cuda.is_available():
         assert "no CUDA device" in saved["gpu"]["skipped"]
     assert report["data"]["vs_train_step"] > 0

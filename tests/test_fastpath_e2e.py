@@ -160,13 +160,20 @@ def compiled_run(gpu_check) -> Path:
 
 
 @pytest.mark.slow
-def test_finetune_eager_from_a_compiled_checkpoint(compiled_run: Path, tmp_path: Path):
-    """Compiled -> eager at 48 px (compiled -> compiled is gpu-check's fine-tune)."""
+@pytest.mark.parametrize(("precision", "compile_"), [("bf16-mixed", False), ("32-true", True)])
+def test_finetune_from_a_compiled_checkpoint(
+    compiled_run: Path, tmp_path: Path, precision: str, compile_: bool
+):
+    """From the bf16 compiled run at 48 px: bf16 alone (eager) and compile alone (fp32);
+    both switches together is gpu-check's fine-tune."""
     results = train(
         tmp_path / "ft",
         *FINETUNE,
-        "trainer.precision=bf16-mixed",
-        "trainer.compile=false",
+        "model=vit_tiny_debug",  # gpu-check's model
+        "model.depth=4",
+        "model.embed_dim=64",
+        f"trainer.precision={precision}",
+        f"trainer.compile={compile_}",
         "trainer.gradient_clip_val=1.0",
         "trainer.max_steps=2",
         f"pretrained={compiled_run}/checkpoints/last.ckpt",

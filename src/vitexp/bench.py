@@ -16,7 +16,9 @@ vitexp's side is what `vitexp.train` runs: its optimizer (fused AdamW) and, on G
 autocast and torch.compile; timm's side is a plain loop with the same precision and
 compile switches and PyTorch's default AdamW. `lightning` times the full
 `vitexp.train` training step (the LightningModule inside Lightning's loop, callbacks and
-logging included) for the headline case, and `data` the JPEG image-folder pipeline.
+logging included) for the headline case, `grad_checkpointing` the peak memory of vitexp's
+step without and with activation checkpointing (`model.grad_checkpointing`) for the S/16
+case, and `data` the JPEG image-folder pipeline.
 """
 
 from __future__ import annotations
@@ -175,6 +177,10 @@ def build_vitexp(case: Case, timm_model: nn.Module) -> VisionTransformer:
     """vitexp's model: timm's weights converted where timm has the variant."""
     if case.timm_has_it and case.stem == "patch":
         return from_timm(timm_model)
+    return vitexp_model(case)
+
+
+def vitexp_model(case: Case, grad_checkpointing: bool = False) -> VisionTransformer:
     s = SIZES[case.size]
     return VisionTransformer(
         img_size=case.img_size,
@@ -186,6 +192,7 @@ def build_vitexp(case: Case, timm_model: nn.Module) -> VisionTransformer:
         pool=case.pool,
         pos_embed={"kind": case.kind, "placement": case.placement},
         stem=case.stem,
+        grad_checkpointing=grad_checkpointing,
     )
 
 
@@ -334,6 +341,25 @@ def bench_case(case: Case, setup: Setup, log: Callable[[str], None] = print) -> 
                 result.peak_mem_mb.setdefault(impl, []).append(mem)
     log(row(result))
     return result
+
+
+def checkpointing_memory(case: Case, setup: Setup) -> dict[str, Any]:
+    """Peak memory of vitexp's training step without and with `model.grad_checkpointing`
+    (same weights, batch and optimizer; eager, so that only the switch differs), each
+    measured `setup.repeats` times after a step that allocated the optimizer state."""
+    out: dict[str, Any] = {"case": case.name, "batch": case.batch, "peak_mem_mb": {}}
+    for name, flag in (("off", False), ("on", True)):
+        torch.manual_seed(0)
+        model = vitexp_model(case, grad_checkpointing=flag).to(setup.device)
+        optimizer = build_optimizer([{"params": list(model.parameters())}], OptimConfig())
+        runner = Runner(model, optimizer, case, replace(setup, compile=False))
+        runner.train_step()
+        peaks = [runner.peak_train_mb() for _ in range(setup.repeats)]
+        out["peak_mem_mb"][name] = [p for p in peaks if p is not None]
+        del runner, model, optimizer
+    off, on = (out["peak_mem_mb"][k] for k in ("off", "on"))
+    out["ratio"] = statistics.median(on) / statistics.median(off) if off and on else None
+    return out
 
 
 # --- the real training step ------------------------------------------------------------------
@@ -542,6 +568,16 @@ def run_suite(name: str, cases: list[Case], setup: Setup, headline: Case | None)
                 "train_spread": {i: r.spread("train_ips", i) for i in r.train_ips},
             }
         )
+    memory_case = next((c for c in cases if c.size == "S/16"), None)
+    if headline is not None and memory_case is not None:
+        mem = checkpointing_memory(memory_case, setup)
+        out["grad_checkpointing"] = mem
+        if mem["ratio"] is not None:
+            off, on = (statistics.median(mem["peak_mem_mb"][k]) for k in ("off", "on"))
+            print(
+                f"\ngrad checkpointing ({mem['case']}, batch {mem['batch']}): peak train-step "
+                f"memory {off:.0f} MB -> {on:.0f} MB ({mem['ratio']:.2f}x)"
+            )
     if headline is not None:
         step = lightning_step(headline, setup, setup.steps * 2)
         bare = next(r for r in results if r.case == headline.name)

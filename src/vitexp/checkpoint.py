@@ -4,16 +4,33 @@ Every file is read with `torch.load(..., weights_only=True)` (or safetensors): a
 that would run code when unpickled is refused before any of it runs. Every file is written
 next to its target and renamed over it (`AtomicCheckpointIO`): a run killed while saving
 leaves the previous checkpoint whole.
+
+A checkpoint is a file, or with `trainer=fsdp trainer.fsdp_state_dict=sharded` a directory:
+Lightning's `meta.pt` (everything but the weights and optimizer state) beside the shards
+that torch.distributed.checkpoint (DCP) wrote, one per rank. `read_checkpoint` reads both
+into the same dict, the sharded weights consolidated in memory without a process group.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 
 from vitexp.errors import CheckpointError
 from vitexp.models import VisionTransformer
@@ -35,6 +52,38 @@ ARCHITECTURE_KEYS = (
     "stem",
 )
 POS_EMBED_KEYS = ("kind", "placement")
+SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor state
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded (directory) checkpoint, as Lightning's FSDPStrategy writes it."""
+    return (Path(path) / SHARDED_META).is_file()
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_file() or is_sharded(path)
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the directory `tmp` where `path` (a file or directory) is. Directories cannot be
+    swapped in one rename: the old one is renamed aside first, so that between the two
+    renames (microseconds) only `.NAME.old` holds the previous checkpoint, never a mix."""
+    old = path.with_name(f".{path.name}.old")
+    remove_path(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    remove_path(old)
+    _fsync_dir(path.parent)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint, file or directory."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -44,7 +93,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     temp directory; when that is another filesystem (a node's /tmp vs the shared run
     directory), the final move is a copy into the target, and a kill during it leaves a
     truncated checkpoint where the good one was. Here the bytes go to a hidden file in the
-    target's own directory, are flushed to disk, and `os.replace` swaps them in.
+    target's own directory, are flushed to disk, and `os.replace` swaps them in. Under
+    trainer=fsdp, Lightning hands it the `full` checkpoints (rank 0 writes them); `sharded`
+    directories are swapped in by `vitexp.train.ShardedStrategy` with `replace_dir`.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -83,11 +134,22 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a checkpoint file's contents on CPU, refusing anything but tensors and plain data."""
+def read_checkpoint(path: str | Path, what: str = "checkpoint", weights: bool = True) -> dict:
+    """Load a checkpoint's contents on CPU, refusing anything but tensors and plain data.
+
+    A sharded checkpoint gives its `meta.pt` with, unless `weights=False`, the model's
+    weights consolidated into `state_dict` (the optimizer state is left on disk); every part
+    of it is checked to load safely either way, since Lightning's resume reads it unchecked.
+    """
     path = Path(path)
+    if is_sharded(path):
+        return _read_sharded(path, what, weights)
     if not path.is_file():
         raise CheckpointError(f"{what}={path} does not exist")
+    return _load_file(path, what)
+
+
+def _load_file(path: Path, what: str) -> dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -105,6 +167,71 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
         ) from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{what}={path} is not a checkpoint (a {type(content).__name__})")
+    return content
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a plain pickle (torch reads it with `pickle.load`): allow only
+    what DCP itself puts there, its own classes, torch.Size and dtypes."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = None if "." in name else getattr(sys.modules.get(module), name, None)
+        if not (
+            (module, name) in self.NAMES
+            or (module in self.MODULES and isinstance(found, type) and found.__module__ == module)
+            or (module == "torch" and isinstance(found, torch.dtype))
+        ):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+        return super().find_class(module, name)
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata unpickled safely (tensors it reads itself with
+    weights_only=True)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _read_sharded(path: Path, what: str, weights: bool) -> dict[str, Any]:
+    content = _load_file(path / SHARDED_META, what)
+    try:
+        reader = _SafeReader(path)
+        metadata = reader.read_metadata()
+        # the non-tensor entries (optimizer hyperparameters) that DCP would unpickle freely
+        for index, info in metadata.storage_data.items():
+            if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+                with open(path / info.relative_path, "rb") as f:
+                    f.seek(info.offset)
+                    torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        if weights:
+            model = {
+                fqn.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+                for fqn, md in metadata.state_dict_metadata.items()
+                if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)
+            }
+            with warnings.catch_warnings():  # "no process group: loading in one process"
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+            content["state_dict"] = model
+    except Exception as err:
+        text = str(err)
+        reason = (
+            "it holds Python objects other than tensors (refused: loading could run code)"
+            if "not allowed" in text or "weights_only" in text or "Unsupported global" in text
+            else _first_line(err)
+        )
+        raise CheckpointError(
+            f"{what}={path} (sharded) cannot be loaded: {reason}; copy it again or give another"
+        ) from None
     return content
 
 

@@ -287,6 +287,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _one_of("loss.name", c.loss.name, LOSSES)
     _fraction("loss.label_smoothing", c.loss.label_smoothing)
     _validate_trainer(c.trainer)
+    if c.trainer.strategy == "fsdp" and c.trainer.compile:
+        raise ConfigError(
+            "trainer.compile=true with trainer.strategy=fsdp: the compiled forward would trace "
+            "through FSDP's units; set trainer.compile=false (trainer=fsdp does)"
+        )
     if c.trainer.strategy == "fsdp" and c.stage == "pretrain" and (c.fewshot.enabled or c.figures):
         raise ConfigError(
             "trainer=fsdp shards the weights across ranks; set fewshot.enabled=false "

@@ -92,6 +92,10 @@ class ViTModule(L.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # weight decay on weight matrices only: decided on the plain model, because under FSDP
+        # the optimizer is built after wrapping, when parameters are flat 1-D shards
+        skip = net.no_weight_decay()
+        self._decayed = {n for n, p in net.named_parameters() if p.ndim >= 2 and n not in skip}
         # (step, epoch, loss) of the steps whose loss has not been checked for NaN/inf yet
         self._unchecked_losses: list[tuple[int, int, torch.Tensor]] = []
 
@@ -193,12 +197,12 @@ class ViTModule(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on weight matrices only: not on norms, biases, position embeddings
         or the class token."""
-        skip = self.net.no_weight_decay()
         decay, no_decay = [], []
         for name, param in self.net.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or name in skip else decay).append(param)
+            plain = name.replace("_fsdp_wrapped_module.", "")  # FSDP's units (use_orig_params)
+            (decay if plain in self._decayed else no_decay).append(param)
         return [
             {"params": decay, "weight_decay": self.optim_cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -24,8 +24,9 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -34,14 +35,23 @@ from vitexp.callbacks import (
     DDPWorkerWatch,
     LastCheckpoint,
     PreemptionCheckpoint,
+    SignalDeadline,
     requeue_count,
     slurm_job_id,
 )
-from vitexp.checkpoint import AtomicCheckpointIO, load_pretrained, read_checkpoint
+from vitexp.checkpoint import (
+    AtomicCheckpointIO,
+    checkpoint_exists,
+    load_pretrained,
+    read_checkpoint,
+    remove_path,
+    replace_dir,
+)
 from vitexp.cli import one_line, run_cli, single_run_errors, write_atomic
 from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig, register_configs, validate
 from vitexp.errors import CheckpointError, ConfigError, Interrupted, NotApplicableCell
 from vitexp.models import VisionTransformer
+from vitexp.progress import ProgressBar
 
 log = logging.getLogger("vitexp")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -54,14 +64,14 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
     nothing is overwritten; a resumed run continues in the directory of its checkpoint.
     """
     last = hydra_dir / "checkpoints" / "last.ckpt"
-    if c.ckpt_path is None and requeue_count() > 0 and last.is_file():
+    if c.ckpt_path is None and requeue_count() > 0 and checkpoint_exists(last):
         log.info("requeued SLURM job: resuming from %s", last)
         return hydra_dir, last
     if c.ckpt_path == "last":
         own = hydra_dir / "checkpoints" / "last.ckpt"
         found = (
             [own]
-            if own.is_file()
+            if checkpoint_exists(own)
             else sorted(
                 hydra_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
             )
@@ -74,7 +84,7 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
         return found[-1].parent.parent, found[-1]
     if c.ckpt_path:
         ckpt = Path(c.ckpt_path)
-        if not ckpt.is_file():
+        if not checkpoint_exists(ckpt):
             raise CheckpointError(f"ckpt_path={ckpt} does not exist")
         return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else hydra_dir), ckpt
     existing = [
@@ -130,6 +140,113 @@ def speed_switches(t: TrainerConfig) -> tuple[str, bool]:
     return precision, gpu if t.compile is None else t.compile
 
 
+def check_device(t: TrainerConfig) -> None:
+    """A GPU preset on a machine without one: say how to run it here, in one line."""
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={t.accelerator} but this machine has no CUDA GPU; add "
+            "trainer=cpu to run it here on the CPU (fp32), or run it on a GPU machine"
+        )
+
+
+def build_strategy(t: TrainerConfig) -> Any:
+    """`trainer.strategy` for Lightning: ddp and fsdp with vitexp's settings, else as named."""
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=t.ddp_timeout_s)
+    if t.strategy == "ddp":
+        return L.pytorch.strategies.DDPStrategy(timeout=timeout)
+    if t.strategy == "fsdp":
+        from vitexp.models.vit import Block
+
+        # activation checkpointing is the model's own switch (model.grad_checkpointing):
+        # the same code path with or without FSDP, and tested to give the same gradients
+        # use_orig_params: the optimizer sees each parameter by name (weight decay on
+        # matrices only), not one flat tensor per unit
+        return ShardedStrategy(
+            auto_wrap_policy={Block},
+            state_dict_type=t.fsdp_state_dict,
+            timeout=timeout,
+            use_orig_params=True,
+        )
+    return t.strategy
+
+
+class ShardedStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (one FSDP unit per encoder block), with:
+
+    - sharded checkpoints written to a hidden directory and swapped in, as atomic as
+      `AtomicCheckpointIO` (which writes the `full` ones: Lightning hands those to it);
+    - every checkpoint checked by `read_checkpoint` (weights_only) before Lightning's own
+      loaders, which unpickle without that check, read it;
+    - the wrapped model kept from fit to test: Lightning would re-wrap only the blocks and
+      leave the root's parameters as flat shards (Lightning issue #19015);
+    - CPU (gloo) support, for tests: torch's FSDP needs device_id=cpu, which Lightning does
+      not pass (a subclass also skips Lightning's "FSDP needs a GPU" check).
+    """
+
+    _wrapped: Any = None
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if self._wrapped is not None and self._wrapped.module is model:
+            return self._wrapped
+        if self.root_device.type == "cpu":
+            model = FullyShardedDataParallel(
+                model,
+                device_id=self.root_device,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn
+        self._wrapped = super()._setup_model(model)
+        return self._wrapped
+
+    def optimizer_state(self, optimizer) -> dict:
+        """On CPU, gather the `full` optimizer state without torch's CPU offload: for a CPU
+        tensor its `.cpu()` copies nothing, so every state of a parameter (AdamW's two
+        moments) would end up a view of one reused buffer."""
+        if self._state_dict_type != "full" or self.root_device.type != "cpu":
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+        full = FullStateDictConfig(rank0_only=True)
+        optim = FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, full, optim):
+            state = FSDP.optim_state_dict(self.model, optimizer)
+        if self.global_rank == 0:  # keyed by parameter index, as Lightning saves it
+            state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        partial = path.with_name(f".{path.name}.partial")
+        if self.is_global_zero:
+            remove_path(partial)  # a crashed save's leftovers
+        self.barrier()
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier()  # every rank's shard is on disk
+        if self.is_global_zero:
+            replace_dir(partial, path)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        read_checkpoint(checkpoint_path, "ckpt_path", weights=False)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+
 def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
     """The Lightning Trainer of a run; `evaluator` adds few-shot evaluation at validation."""
     t = c.trainer
@@ -148,6 +265,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         LearningRateMonitor(logging_interval="step"),
         PreemptionCheckpoint(checkpoints / "last.ckpt"),
         DDPWorkerWatch(),
+        SignalDeadline(t.ddp_timeout_s),
     ]
     if evaluator is not None:
         from vitexp.fewshot import FewShotCallback
@@ -158,12 +276,8 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
 
         callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))
     if t.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
-    strategy: Any = t.strategy
-    if strategy == "ddp":
-        from datetime import timedelta
-
-        strategy = L.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=t.ddp_timeout_s))
+        callbacks.append(ProgressBar(t.log_every_n_steps))
+    strategy = build_strategy(t)
     # under SLURM, requeueing is submitit's or vitexp's (see vitexp.callbacks), not Lightning's
     slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
@@ -224,19 +338,21 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     if requeue_count() > 0 and (hydra_dir / "results.json").is_file():
         log.info("requeued SLURM job had finished: %s/results.json", hydra_dir)
         return json.loads((hydra_dir / "results.json").read_text())
+    data = ImageDataModule(
+        c.data, c.model.model_kwargs()["img_size"], c.model.mean, c.model.std, c.seed
+    )
+    data.setup("fit")  # missing or mismatched data is named before anything else
+    check_device(c.trainer)
     run_dir, resume = resolve_run_dir(c, hydra_dir)
     resumed_step = None
     if resume is not None:  # a broken or unsafe file stops here, clearly
-        resumed_step = int(read_checkpoint(resume, "ckpt_path").get("global_step", 0))
+        saved = read_checkpoint(resume, "ckpt_path", weights=False)  # sharded: no weights
+        resumed_step = int(saved.get("global_step", 0))
     if run_dir != hydra_dir and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
         hydra_dir.rmdir()  # the fresh, empty directory Hydra made for this attempt
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_to_file(run_dir)
     L.seed_everything(c.seed, workers=True, verbose=False)
-
-    data = ImageDataModule(
-        c.data, c.model.model_kwargs()["img_size"], c.model.mean, c.model.std, c.seed
-    )
     net = build_net(c, c.data.num_classes)
     pretrained_meta = None
     if c.stage == "finetune":

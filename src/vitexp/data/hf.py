@@ -122,6 +122,7 @@ def _hf_load(cfg: DataConfig, name: str) -> Any:
     local_builder = name in HF_BUILDERS or Path(name).expanduser().is_dir()
     kwargs: dict[str, Any] = {"streaming": cfg.streaming}
     if files := given_files(cfg):
+        _check_local_files(files)
         kwargs["data_files"] = files
     if cfg.root:
         kwargs["data_dir" if local_builder else "cache_dir"] = str(Path(cfg.root).expanduser())
@@ -170,6 +171,21 @@ def given_files(cfg: DataConfig) -> dict[str, Any]:
     and test as null, so that `data.data_files.train=PATH` works without a `+`)."""
     files = _plain(cfg.data_files) or {}
     return {split: value for split, value in files.items() if value is not None}
+
+
+def _check_local_files(files: dict[str, Any]) -> None:
+    """Name the split whose local file pattern matches nothing (datasets would only say
+    that "all the data_files are invalid")."""
+    import glob
+
+    for split, patterns in files.items():
+        for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+            local = "://" not in str(pattern)
+            if local and not glob.glob(str(Path(str(pattern)).expanduser())):
+                raise DataError(
+                    f"data.data_files.{split}={pattern} matches no file; check data.root "
+                    "and data.data_files (the presets read ${data.root}/<split>-*.parquet)"
+                )
 
 
 def _builder_for(data_files: Any) -> str:
