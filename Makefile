@@ -22,27 +22,29 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install vitexp (editable) with dev tools
 
-QUICKSTART := outputs/quickstart_pretrain
+# the quickstart pretraining that `make finetune` and `make visualize` use (runs started by
+# hand go to outputs/quickstart_pretrain/<date_time>/)
+QUICKSTART := outputs/quickstart_pretrain/quickstart
 ARGS ?=
 
 pretrain: $(VENV)/.installed  ## pretrain the tiny ViT on `shapes` (dataset A); resumes if interrupted
 	@if [ -f $(QUICKSTART)/results.json ]; then \
 		echo "pretrained model exists: $(QUICKSTART)/checkpoints/last.ckpt (make clean-runs to redo)"; \
-	elif [ -f $(QUICKSTART)/checkpoints/last.ckpt ]; then \
-		$(PY) -m vitexp.train +experiment=quickstart_pretrain ckpt_path=last; \
+	elif [ -e $(QUICKSTART)/checkpoints/last.ckpt ]; then \
+		$(PY) -m vitexp.train +experiment=quickstart_pretrain hydra.run.dir=$(QUICKSTART) ckpt_path=last; \
 	else \
-		$(PY) -m vitexp.train +experiment=quickstart_pretrain; \
+		$(PY) -m vitexp.train +experiment=quickstart_pretrain hydra.run.dir=$(QUICKSTART); \
 	fi
 
 finetune: pretrain  ## the main job: pretrain if needed, fine-tune on digits (dataset B), print the test accuracy
-	$(PY) -m vitexp.train +experiment=quickstart_finetune $(ARGS)
+	$(PY) -m vitexp.train +experiment=quickstart_finetune pretrained=$(QUICKSTART) $(ARGS)
 
 sweep: $(VENV)/.installed  ## the position-embedding ablation (paper's Table 8) on embedded data, then its table
 	@dir=$${SWEEP_DIR:-multirun/ablation_posemb/$$(date +%Y-%m-%d_%H-%M-%S)}; \
 	$(PY) -m vitexp.train +experiment=ablation_posemb hydra.sweep.dir=$$dir $(ARGS) && \
 	$(PY) -m vitexp.report $$dir
 
-visualize: pretrain  ## the paper's four figures of the quickstart checkpoint -> outputs/quickstart_pretrain/figures/
+visualize: pretrain  ## the paper's four figures of the quickstart checkpoint -> $(QUICKSTART)/figures/
 	$(PY) -m vitexp.visualize pretrained=$(QUICKSTART)/checkpoints/last.ckpt $(ARGS)
 
 scratch: $(VENV)/.installed  ## baseline: the same model trained on digits from scratch, same budget

@@ -92,6 +92,22 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
         ("precision", [*t, "trainer.precision=8"], r"trainer\.precision='8' is not allowed"),
         ("global batch", [*t, "data.global_batch_size=100"], r"global_batch_size=100 is not a"),
         ("finetune alone", [*t, "stage=finetune"], r"stage=finetune needs pretrained=PATH"),
+        (
+            "val interval",
+            [
+                *t,
+                "trainer.max_steps=-1",
+                "trainer.max_epochs=1",
+                "trainer.val_check_interval=50",
+                "trainer.check_val_every_n_epoch=1",
+            ],
+            r"trainer\.val_check_interval=50 is more than the 4 training batches of an epoch",
+        ),  # fmt: skip
+        (
+            "default run dir",  # outputs/<name>/<date_time>/, made by Hydra, must go again
+            [*t, "model.pool=max", "hydra.run.dir=outputs/${name}/${now:%H-%M-%S-%f}"],
+            r"pool='max'",
+        ),  # fmt: skip
         # zero where code would read it as "unset"
         ("zero stride", [*t, "model.patch_stride=0"], r"model\.patch_stride=0 must be >= 1"),
         ("zero heads", [*t, "model.num_heads=0"], r"model\.num_heads=0 must be > 0"),
@@ -274,6 +290,12 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
     }
 
 
+def _paths(root: Path) -> list[str]:
+    """Every file and directory under root (a failed command must add none: not even the
+    empty run directory Hydra makes before the checks)."""
+    return [str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts]
+
+
 def _run(ws: Path, case: tuple[str, list[str], str], index: int) -> subprocess.CompletedProcess:
     name, argv, _ = case
     if argv[0] == "vitexp.train" and not any(a.startswith("hydra.run.dir=") for a in argv):
@@ -289,6 +311,7 @@ def test_every_bad_input_is_one_line_nonzero_and_changes_nothing(workspace: Path
     cases = _cases(workspace)
     assert len(cases) >= 30
     before = _snapshot(workspace)
+    _paths_before = _paths(workspace)
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda ic: _run(workspace, ic[1], ic[0]), enumerate(cases)))
     problems = []
@@ -309,3 +332,14 @@ def test_every_bad_input_is_one_line_nonzero_and_changes_nothing(workspace: Path
     after = _snapshot(workspace)
     changed = [path for path, facts in before.items() if after.get(path) != facts]
     assert not changed, f"existing files modified or removed: {changed}"
+    # a corrupt image is found while training, when the run has begun: its directory stays,
+    # with train.log ending in the error; every other case stops before writing anything
+    started = {f"outputs/case{i}" for i, c in enumerate(cases) if c[0] == "corrupt images"}
+    new = sorted(
+        p
+        for p in set(_paths(workspace)) - set(_paths_before)
+        if p != "outputs" and not any(p == s or p.startswith(s + "/") for s in started)
+    )
+    assert not new, f"a failed command left files or directories behind: {new}"
+    for run in started:
+        assert "unreadable image" in (workspace / run / "train.log").read_text()

@@ -47,7 +47,8 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_preset_composes_and_validates(experiment):
-    cfg = validate(compose_cfg([f"+experiment={experiment}"]))
+    given = ["pretrained=weights.safetensors"] if experiment == "finetune_vith14_518" else []
+    cfg = validate(compose_cfg([f"+experiment={experiment}", *given]))
     assert cfg.name and cfg.stage in ("pretrain", "finetune")
     if cfg.stage == "finetune":
         assert cfg.pretrained

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_helpers import RUN, finish, results, start
+from run_helpers import RUN, finish, results, start, wait_for_checkpoint
+from test_cli_errors import cli_env
 from test_train import train
 from vitexp.callbacks import DDPWorkerWatch, ddp_children
 from vitexp.checkpoint import AtomicCheckpointIO
@@ -105,16 +106,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert not (run_dir / "results.json").exists()
 
 
-def test_nan_from_the_command_line_is_one_line_and_exit_3(tmp_path: Path):
+@pytest.mark.parametrize("full_error", [False, True], ids=["plain", "full"])
+def test_nan_from_the_command_line_is_one_line_and_exit_3(tmp_path: Path, full_error: bool):
+    """Exit 3 with HYDRA_FULL_ERROR=1 too (it adds the traceback): scripts read the code."""
     result = subprocess.run(
         [sys.executable, "-m", "vitexp.train", *RUN, f"hydra.run.dir={tmp_path / 'run'}",
          "optim.lr=1e30", "schedule.warmup_steps=0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=cli_env(full_error), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: training loss is ") and "at step" in lines[-1]
-    assert "lower optim.lr" in lines[-1] and "Traceback" not in result.stderr
+    assert "lower optim.lr" in lines[-1]
+    assert ("Traceback" in result.stderr) == full_error
 
 
 SLOW_SAVE_TRAIN = textwrap.dedent(
@@ -166,14 +170,18 @@ def test_sigkill_during_a_checkpoint_save_then_resume_matches(
 
 
 @pytest.mark.slow
-def test_ddp_worker_death_fails_in_bounded_time(tmp_path: Path):
-    """Kill one of two DDP processes mid-run: the run must end, non-zero, with one line."""
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["after-ckpt", "before-ckpt"])
+def test_ddp_worker_death_fails_in_bounded_time(tmp_path: Path, checkpointed: bool):
+    """Kill one of two DDP processes mid-run: the run must end, non-zero, with one line that
+    offers ckpt_path=last only if there is a checkpoint to resume."""
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # before-ckpt: no save every n steps and no validation (which saves) in the 400 steps
+    no_ckpt = ["trainer.checkpoint_every_n_steps=null", "trainer.val_check_interval=1000"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "vitexp.train", *RUN, f"hydra.run.dir={run_dir}",
          "trainer=ddp", "trainer.devices=2", "trainer.max_steps=400",
-         "trainer.ddp_timeout_s=30", "data.num_workers=0"],
+         "trainer.ddp_timeout_s=30", "data.num_workers=0", *([] if checkpointed else no_ckpt)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 180
@@ -182,7 +190,10 @@ def test_ddp_worker_death_fails_in_bounded_time(tmp_path: Path):
         assert time.time() < deadline and proc.poll() is None
         workers = list(ddp_children(proc.pid, DDPWorkerWatch.MARKER))
         time.sleep(0.2)
-    time.sleep(8)  # into training
+    if checkpointed:
+        wait_for_checkpoint(run_dir, 1)
+    else:
+        time.sleep(8)  # into training
     start_kill = time.time()
     os.kill(workers[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=150)
@@ -191,7 +202,42 @@ def test_ddp_worker_death_fails_in_bounded_time(tmp_path: Path):
     assert elapsed < 120, f"took {elapsed:.0f} s to fail"
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in last, err[-3000:]
-    assert "ckpt_path=last" in last
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.exists() == checkpointed
+    if checkpointed:
+        assert f"resume with ckpt_path=last ({ckpt}, step " in last, last
+    else:
+        assert "ckpt_path=last" not in last and "No checkpoint was written yet" in last, last
+
+
+class Exited(Exception):
+    """What os._exit raises in the tests below, so that the message can be read."""
+
+
+@pytest.mark.parametrize("saved", ["none", "file", "sharded"])
+def test_ddp_worker_death_offers_to_resume_only_from_a_checkpoint(
+    tmp_path: Path, monkeypatch, capsys, saved: str
+):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    if saved == "file":
+        AtomicCheckpointIO().save_checkpoint({"global_step": 7, "w": torch.zeros(4)}, last)
+    elif saved == "sharded":  # a directory: Lightning's meta.pt beside the shards
+        last.mkdir(parents=True)
+        torch.save({"global_step": 7}, last / "meta.pt")
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    with pytest.raises(Exited):
+        DDPWorkerWatch(last)._fail(1, 4321, -signal.SIGKILL, {})
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: DDP rank 1 (pid 4321) died (killed by SIGKILL); stopped")
+    if saved == "none":
+        assert line.endswith("No checkpoint was written yet: start the run again")
+        assert "ckpt_path=last" not in line
+    else:
+        assert line.endswith(f"resume with ckpt_path=last ({last}, step 7)")
 
 
 RANK0_SEES_A_CONNECTION_ERROR = textwrap.dedent(

@@ -156,7 +156,7 @@ def test_fsdp_config_errors_are_one_line(overrides, message):
 
 
 def test_vith14_518_preset_composes_with_fsdp_and_checkpointing():
-    c = validate(compose_cfg(["+experiment=finetune_vith14_518"]))
+    c = validate(compose_cfg(["+experiment=finetune_vith14_518", "pretrained=vith14.npz"]))
     assert (c.stage, c.model.name, c.model.img_size, c.model.patch_size) == (
         "finetune",
         "vit_h14",

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import to_hex
+from matplotlib.container import BarContainer
 from PIL import Image
 
-from vitexp.report import report
+from vitexp.models.pos_embed import STEM_ONLY_KINDS
+from vitexp.report import COLUMNS, collect, report, summarise, table_figure
 
 
 def write_job(
@@ -65,6 +68,49 @@ def test_table_layout_seeds_and_partial_cells(tmp_path: Path):
     assert rows[("none", "stem")]["paper"] == "0.61382"
     image = Image.open(tmp_path / "table.png").convert("L")
     assert image.size[0] > 300 and len(set(image.getdata())) > 10  # a drawn chart, not blank
+
+
+def placement_colours(sweep: Path) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """The chart's bar colours and legend colour per placement label."""
+    [ax] = table_figure(*summarise(collect(sweep))).axes
+    bars = {
+        c.get_label(): {to_hex(p.get_facecolor()) for p in c.patches}
+        for c in ax.containers
+        if isinstance(c, BarContainer)
+    }
+    legend = ax.get_legend()
+    handles = {
+        t.get_text(): to_hex(h.get_facecolor())
+        for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)
+    }
+    return {label: c for label, c in bars.items() if c}, handles
+
+
+@pytest.mark.parametrize(
+    "present",
+    [
+        [("learned_1d", "stem"), ("learned_2d", "every_layer")],  # the issue's sweep
+        [("none", "stem"), ("learned_1d", "stem")],
+        [("learned_2d", "every_layer_shared")],
+    ],
+)
+def test_each_placement_keeps_its_colour_in_a_partial_sweep(tmp_path: Path, present):
+    num = 0
+    for kind in ("none", "learned_1d", "learned_2d", "relative"):
+        for placement in COLUMNS:
+            na = kind in STEM_ONLY_KINDS and placement != "stem"
+            write_job(tmp_path / "full", num, kind, placement, 0, 0.6, "n/a" if na else "done")
+            num += 1
+    for num, (kind, placement) in enumerate(present):
+        write_job(tmp_path / "partial", num, kind, placement, 0, 0.6)
+    write_job(tmp_path / "partial", num + 1, "learned_1d", "every_layer", 0, status="running")
+    full_bars, full_legend = placement_colours(tmp_path / "full")
+    bars, legend = placement_colours(tmp_path / "partial")
+    assert list(legend) == list(COLUMNS.values())  # every placement, present or not
+    assert len(set(legend.values())) == 3
+    assert legend == full_legend  # a placement's colour is the same in any sweep
+    assert full_bars == {label: {colour} for label, colour in legend.items()}
+    assert bars == {COLUMNS[p]: {legend[COLUMNS[p]]} for _, p in present}
 
 
 def test_empty_directory_is_one_line(tmp_path: Path):

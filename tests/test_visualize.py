@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from vitexp.errors import CheckpointError, ConfigError, DataError
@@ -27,6 +28,7 @@ from vitexp.visualize import (
     make_figures,
     visualize_checkpoint,
 )
+from vitexp.viz import plots
 from vitexp.viz.compute import (
     attention_rollout,
     embedding_filter_pcs,
@@ -335,6 +337,37 @@ def test_figures_for_every_model_kind(kind: str, tmp_path: Path):
     else:
         assert report["images"] == ["noise.png"]
         assert report["model"]["token_boxes_xyxy"][1] == [8, 0, 24, 16]
+
+
+@pytest.mark.parametrize(
+    "kind, placement",
+    [
+        ("none", "stem"),
+        ("learned_1d", "stem"),
+        ("learned_1d", "every_layer"),
+        ("learned_1d", "every_layer_shared"),
+        ("learned_2d", "stem"),
+        ("learned_2d", "every_layer_shared"),
+        ("relative", "stem"),
+        ("sincos_2d", "stem"),
+        ("sincos_2d", "every_layer_shared"),
+    ],
+)
+def test_every_title_fits_inside_its_figure(kind: str, placement: str, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "png_bytes", lambda fig: figures.append(fig) or b"")
+    model = tiny_vit(depth=3, pos_embed={"kind": kind, "placement": placement})
+    make_figures(model, *load_images(None, model.img_size), MEAN, STD)
+    assert len(figures) == 4
+    for fig in figures:
+        FigureCanvasAgg(fig)
+        fig.set_dpi(plots.DPI)  # as png_bytes saves it
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for text in {*fig.texts, *(ax.title for ax in fig.axes)}:  # fig.texts has the suptitle
+            box = text.get_window_extent(renderer)
+            inside = (box.min >= fig.bbox.min).all() and (box.max <= fig.bbox.max).all()
+            assert inside or not text.get_text(), f"{text.get_text()!r}: {box} not in {fig.bbox}"
 
 
 # --- the callback ----------------------------------------------------------------------------

@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vitexp.checkpoint import SHARDED_META, checkpoint_exists, is_sharded, remove_path
 
 log = logging.getLogger("vitexp")
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -49,9 +53,13 @@ def requeue_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """last.ckpt at the end of every validation, every `every_n_steps` training steps and at
-    the end of training (Lightning's ModelCheckpoint writes `last` only with a top-k save)."""
+    the end of training (Lightning's ModelCheckpoint writes `last` only with a top-k save).
+
+    A `Checkpoint`, so that Lightning runs it after the ModelCheckpoint listed before it: the
+    last.ckpt of a validation then knows the best-*.ckpt that this validation wrote.
+    """
 
     def __init__(self, path: Path, every_n_steps: int | None = None) -> None:
         self.path = Path(path)
@@ -146,13 +154,16 @@ class DDPWorkerWatch(L.Callback):
     Lightning starts ranks 1..N-1 as child processes of rank 0 and kills everything, without
     a word, some seconds after one of them fails. This watcher polls more often, reaps the
     dead child itself (so that Lightning sees nothing to do), prints the error and exits
-    with code 1. Checkpoints are written atomically, so the last one is whole:
-    `ckpt_path=last` resumes.
+    with code 1. Checkpoints are written atomically, so `last_ckpt`, if there is one yet, is
+    whole: the error says whether `ckpt_path=last` resumes, or there is nothing to resume.
     """
 
     MARKER = "train_ddp_process_"  # in the command line Lightning gives each child rank
 
-    def __init__(self, period_s: float = 0.05, grace_s: float = 2.0) -> None:
+    def __init__(
+        self, last_ckpt: Path | None = None, period_s: float = 0.05, grace_s: float = 2.0
+    ) -> None:
+        self.last_ckpt = None if last_ckpt is None else Path(last_ckpt)
         self.period_s = period_s
         self.grace_s = grace_s
         self._ranks: dict[int, int] = {}  # pid -> local rank, of the children still running
@@ -196,8 +207,8 @@ class DDPWorkerWatch(L.Callback):
     def _fail(self, rank: int, pid: int, code: int, others: dict[int, int]) -> None:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         print(
-            f"error: DDP rank {rank} (pid {pid}) died ({how}); stopped every rank. The last "
-            "checkpoint is whole: resume with ckpt_path=last",
+            f"error: DDP rank {rank} (pid {pid}) died ({how}); stopped every rank. "
+            + self._what_to_do(),
             file=sys.stderr,
             flush=True,
         )
@@ -205,6 +216,49 @@ class DDPWorkerWatch(L.Callback):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(other, signal.SIGKILL)
         os._exit(1)
+
+    def _what_to_do(self) -> str:
+        if self.last_ckpt is None:
+            return "Checkpoints are written whole: resume with ckpt_path=last if one was written"
+        if not checkpoint_exists(self.last_ckpt):
+            return "No checkpoint was written yet: start the run again"
+        # memory-mapped, or a sharded checkpoint's meta.pt: the weights are not read
+        path = self.last_ckpt / SHARDED_META if is_sharded(self.last_ckpt) else self.last_ckpt
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            step = f", step {int(saved['global_step'])}"
+        except Exception:  # noqa: BLE001 - the step is a detail; the advice stands without it
+            step = ""
+        return f"The last checkpoint is whole: resume with ckpt_path=last ({self.last_ckpt}{step})"
+
+
+class StaleBestCleanup(L.Callback):
+    """On a resumed fit, delete the best-*.ckpt that the restored ModelCheckpoint does not
+    know: written by the interrupted run after its last.ckpt, from steps that the resumed
+    run trains again, they would stay beside the new best forever (ModelCheckpoint deletes
+    only the files it knows of)."""
+
+    def __init__(self, checkpoints_dir: Path) -> None:
+        self.checkpoints_dir = Path(checkpoints_dir)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning restored the callbacks' state before this hook
+        if trainer.ckpt_path is None or not trainer.is_global_zero:
+            return
+        known = {
+            Path(cb.best_model_path).name
+            for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.best_model_path
+        }  # by name: a run directory moved since keeps its best
+        stale = sorted(p for p in self.checkpoints_dir.glob("best-*.ckpt") if p.name not in known)
+        for path in stale:
+            remove_path(path)
+        if stale:
+            log.info(
+                "removed %s: written after %s by the interrupted run",
+                ", ".join(p.name for p in stale),
+                Path(trainer.ckpt_path).name,
+            )
 
 
 class SignalDeadline(L.Callback):

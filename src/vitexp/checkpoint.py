@@ -241,19 +241,60 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_architecture(saved: dict[str, Any], model: VisionTransformer, path: Path) -> None:
-    """Name the first architecture key where the checkpoint and the config disagree."""
-    wanted = model.config
-    pairs = [(k, saved.get(k), wanted[k]) for k in ARCHITECTURE_KEYS]
+    """Name the first architecture key where the pretrained checkpoint and the config
+    disagree (resolution and class count may differ: fine-tuning changes them)."""
+    key, have, want = _first_difference(saved, model.config, ARCHITECTURE_KEYS)
+    if key is not None:
+        raise CheckpointError(
+            f"pretrained={path} has model.{key}={have} but the config has model.{key}="
+            f"{want}; fine-tune with the model the checkpoint was pretrained with"
+        )
+
+
+def check_resumable(saved: dict[str, Any], model: VisionTransformer, path: Path) -> None:
+    """A run resumes only with the model it was started with: every architecture key, the
+    resolution, the class count and the pre-logits layer must agree."""
+    keys = (*ARCHITECTURE_KEYS, "img_size", "representation_size", "num_classes")
+    key, have, want = _first_difference(saved, model.config, keys)
+    if key is not None:
+        name = f"data.num_classes={want}" if key == "num_classes" else f"model.{key}={want}"
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with model.{key}={have} but the config has "
+            f"{name}; resume with the run's own settings (its config.yaml), or start a new "
+            "run without ckpt_path"
+        )
+
+
+def _first_difference(saved: dict[str, Any], wanted: dict[str, Any], keys) -> tuple:
+    pairs = [(k, saved.get(k), wanted[k]) for k in keys]
     pairs += [
         (f"pos_embed.{k}", saved["pos_embed"].get(k), wanted["pos_embed"][k])
         for k in POS_EMBED_KEYS
     ]
-    for key, have, want in pairs:
-        if not _same(have, want):
-            raise CheckpointError(
-                f"pretrained={path} has model.{key}={have} but the config has model.{key}="
-                f"{want}; fine-tune with the model the checkpoint was pretrained with"
-            )
+    return next(((k, a, b) for k, a, b in pairs if not _same(a, b)), (None, None, None))
+
+
+def resolve_pretrained(path: str | Path) -> Path:
+    """`pretrained=` as given: a checkpoint (file or sharded directory), a run directory
+    (its checkpoints/last.ckpt) or a directory of runs, e.g. outputs/pretrain_in21k (the
+    newest finished run's last.ckpt, as `ckpt_path=last` picks the newest run)."""
+    path = Path(path)
+    if checkpoint_exists(path):
+        return path
+    if checkpoint_exists(path / "checkpoints" / "last.ckpt"):
+        return path / "checkpoints" / "last.ckpt"
+    finished = [
+        run / "checkpoints" / "last.ckpt"
+        for run in (path.iterdir() if path.is_dir() else [])
+        if (run / "results.json").is_file() and checkpoint_exists(run / "checkpoints/last.ckpt")
+    ]
+    if not finished:
+        raise CheckpointError(
+            f"pretrained={path} does not exist or holds no finished run (a run directory "
+            "with results.json and checkpoints/last.ckpt); pretrain first, or give "
+            "pretrained=PATH to a checkpoint"
+        )
+    return max(finished, key=lambda p: (p.parent.parent / "results.json").stat().st_mtime)
 
 
 def load_pretrained(path: str | Path, model: VisionTransformer) -> dict[str, Any]:

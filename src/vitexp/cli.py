@@ -2,7 +2,8 @@
 
 Hydra prints composition errors over several lines with a hint about HYDRA_FULL_ERROR;
 vitexp's commands print ONE line, `error: <what> ...`, and exit non-zero. With
-HYDRA_FULL_ERROR=1 set by the user, the full traceback is shown instead.
+HYDRA_FULL_ERROR=1 set by the user, the full traceback comes first; the line and the exit
+code stay the same (scripts tell a config error, 2, from a divergence, 3, either way).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,11 +98,15 @@ def wants_traceback() -> bool:
 
 
 def exit_with(err: BaseException) -> None:
-    """Print the one-line error and exit: 2 for a user error, 1 for anything else."""
+    """Print the one-line error (after the traceback, if the user asked for it) and exit: the
+    error's own code (2 for a user error, 3 for a divergence, ...), 1 for anything else."""
     user_error = isinstance(err, VitexpError) or type(err).__module__.startswith(
         ("hydra", "omegaconf")
     )
-    suffix = "" if user_error else " (HYDRA_FULL_ERROR=1 shows the traceback)"
+    full = wants_traceback()
+    if full:
+        traceback.print_exception(err, file=sys.stderr)
+    suffix = "" if user_error or full else " (HYDRA_FULL_ERROR=1 shows the traceback)"
     print(f"error: {one_line(err)}{suffix}", file=sys.stderr, flush=True)
     sys.exit(getattr(err, "exit_code", EXIT_USER_ERROR) if user_error else EXIT_FAILURE)
 
@@ -119,7 +125,7 @@ def single_run_errors(task: Callable) -> Callable:
             return task(*args, **kwargs)
         except Exception as err:
             multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-            if wants_traceback() or multirun:
+            if multirun:
                 raise
             exit_with(err)
 
@@ -138,8 +144,6 @@ def run_cli(entry: Callable[[], object]) -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
-        if user_full:
-            raise
         exit_with(err)
 
 

@@ -63,7 +63,7 @@ class DataConfig:
     root: str | None = None  # where the data lives on disk
     # hf: local files per split, e.g. {train: a.parquet}
     data_files: dict[str, Any] = field(default_factory=dict)
-    num_classes: int = 10  # checked against the data
+    num_classes: int | None = None  # null: from the data; else checked against it
     batch_size: int = 64  # per device
     global_batch_size: int | None = None  # kept across device counts by accumulation
     num_workers: int = 2
@@ -320,7 +320,7 @@ def validate_fewshot(f: FewshotConfig, key: str = "fewshot.data", report: bool =
 def _validate_data(d: DataConfig, key: str = "data") -> None:
     _one_of(f"{key}.source", d.source, SOURCES)
     _one_of(f"{key}.on_corrupt", d.on_corrupt, ON_CORRUPT)
-    if d.num_classes < 2:
+    if d.num_classes is not None and d.num_classes < 2:
         raise ConfigError(f"{key}.num_classes={d.num_classes} must be >= 2")
     _positive(f"{key}.batch_size", d.batch_size)
     _positive(f"{key}.global_batch_size", d.global_batch_size)

@@ -1,9 +1,14 @@
-"""The console progress bar, without a host-device sync at every step."""
+"""What a run shows while it trains: the progress bar (without a host-device sync at every
+step) and a line per validation."""
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+
+log = logging.getLogger("vitexp")
 
 
 class ProgressBar(RichProgressBar):
@@ -27,3 +32,18 @@ class ProgressBar(RichProgressBar):
             self._metrics = super().get_metrics(trainer, pl_module)
             self._read_at = step
         return self._metrics
+
+
+class ValidationLog(L.Callback):
+    """One line per validation in the console and train.log: step, epoch and the metrics
+    (train loss, val loss/accuracy, few-shot accuracy)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        shown = []
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.startswith(("val/", "train/loss", "fewshot/")):
+                shown.append(f"{key} {float(value):.4g}")
+        step, epoch = trainer.global_step, trainer.current_epoch
+        log.info("step %d (epoch %d): %s", step, epoch, ", ".join(shown))

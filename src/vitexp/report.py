@@ -19,12 +19,16 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vitexp.cli import run_cli, write_atomic
 from vitexp.errors import ConfigError
 from vitexp.models.pos_embed import STEM_ONLY_KINDS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROWS = {
     "none": "No Pos. Emb.",
@@ -38,6 +42,8 @@ COLUMNS = {
     "every_layer": "Every Layer",
     "every_layer_shared": "Every Layer-Shared",
 }
+# One colour per placement, whatever cells a (partial) sweep has.
+COLOURS = {"stem": "C0", "every_layer": "C1", "every_layer_shared": "C2"}
 # The paper's Table 8 (ViT-B/16, few-shot accuracy), as the lecture quotes it.
 PAPER = {
     ("none", "stem"): 0.61382,
@@ -189,14 +195,14 @@ def csv_text(cells: dict) -> str:
     return out.getvalue()
 
 
-def plot(cells: dict, metric: str | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def table_figure(cells: dict, metric: str | None) -> Figure:
+    """The table as a matplotlib Figure: bars (mean, std) per kind, one colour per placement."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     kinds = rows_in(cells)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4), layout="tight")
+    ax = fig.subplots()
     width = 0.8 / len(COLUMNS)
     for i, (placement, label) in enumerate(COLUMNS.items()):
         xs, means, errs = [], [], []
@@ -206,14 +212,15 @@ def plot(cells: dict, metric: str | None, path: Path) -> None:
                 xs.append(x + (i - 1) * width)
                 means.append(cell.mean)
                 errs.append(cell.std or 0.0)
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+        ax.bar(xs, means, width, yerr=errs, capsize=3, color=COLOURS[placement], label=label)
     ax.set_xticks(range(len(kinds)), [ROWS[k].replace(" (beyond the paper)", "") for k in kinds])
     ax.set_ylabel(f"few-shot accuracy ({metric})" if metric else "few-shot accuracy")
     ax.set_title("Position-embedding ablation (paper's Table 8); N/A cells are absent")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # every placement in the legend, drawn or not (an empty bar set has no colour to show)
+    ax.legend(
+        handles=[Patch(color=COLOURS[p], label=label) for p, label in COLUMNS.items()], fontsize=8
+    )
+    return fig
 
 
 def report(sweep_dir: str | Path) -> dict[tuple[str, str], Cell]:
@@ -224,7 +231,7 @@ def report(sweep_dir: str | Path) -> dict[tuple[str, str], Cell]:
     table = markdown(cells, metric, jobs)
     write_atomic(sweep_dir / "table.md", table)
     write_atomic(sweep_dir / "table.csv", csv_text(cells))
-    plot(cells, metric, sweep_dir / "table.png")
+    table_figure(cells, metric).savefig(sweep_dir / "table.png", dpi=120)
     print(table + f"-> {sweep_dir}/table.md, table.csv, table.png")
     return cells
 

@@ -10,10 +10,10 @@ run of the same name in its own directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -36,24 +36,28 @@ from vitexp.callbacks import (
     LastCheckpoint,
     PreemptionCheckpoint,
     SignalDeadline,
+    StaleBestCleanup,
     requeue_count,
     slurm_job_id,
 )
 from vitexp.checkpoint import (
     AtomicCheckpointIO,
+    check_resumable,
     checkpoint_exists,
     load_pretrained,
     read_checkpoint,
     remove_path,
     replace_dir,
+    resolve_pretrained,
 )
 from vitexp.cli import one_line, run_cli, single_run_errors, write_atomic
 from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig, register_configs, validate
 from vitexp.errors import CheckpointError, ConfigError, Interrupted, NotApplicableCell
 from vitexp.models import VisionTransformer
-from vitexp.progress import ProgressBar
+from vitexp.progress import ProgressBar, ValidationLog
 
 log = logging.getLogger("vitexp")
+_IMPORTED_AT = time.time() - 1.0  # mtime granularity: a directory Hydra makes is newer
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
@@ -107,13 +111,14 @@ def build_logger(cfg: LoggerConfig, run_dir: Path):
         return L.pytorch.loggers.CSVLogger(run_dir, name="logs")
     if cfg.name == "tensorboard":
         return L.pytorch.loggers.TensorBoardLogger(run_dir, name="logs")
+    # the same id for every attempt in this run directory (kept in wandb_id.txt, which the
+    # run writes once its checks have passed): a resumed run continues the wandb run
     id_file = run_dir / "wandb_id.txt"
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-    else:
-        run_id = secrets.token_hex(4)
-        if rank_zero_only.rank == 0:
-            write_atomic(id_file, run_id)
+    run_id = (
+        id_file.read_text().strip()
+        if id_file.is_file()
+        else hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=4).hexdigest()
+    )
     if cfg.offline:
         os.environ.setdefault("WANDB_MODE", "offline")
     return L.pytorch.loggers.WandbLogger(
@@ -264,7 +269,8 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         LastCheckpoint(checkpoints / "last.ckpt", t.checkpoint_every_n_steps),
         LearningRateMonitor(logging_interval="step"),
         PreemptionCheckpoint(checkpoints / "last.ckpt"),
-        DDPWorkerWatch(),
+        StaleBestCleanup(checkpoints),
+        DDPWorkerWatch(checkpoints / "last.ckpt"),
         SignalDeadline(t.ddp_timeout_s),
     ]
     if evaluator is not None:
@@ -275,6 +281,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         from vitexp.visualize import FiguresCallback
 
         callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))
+    callbacks.append(ValidationLog())
     if t.progress_bar:
         callbacks.append(ProgressBar(t.log_every_n_steps))
     strategy = build_strategy(t)
@@ -320,15 +327,100 @@ def build_net(c: TrainConfig, num_classes: int) -> VisionTransformer:
     return VisionTransformer(num_classes=num_classes, **c.model.model_kwargs())
 
 
+_RUN_LOG: dict[str, logging.Handler] = {}  # the train.log handler of the run in progress
+
+
 def _log_to_file(run_dir: Path) -> None:
-    if rank_zero_only.rank == 0:
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
+    """train.log: the run's console lines (vitexp's and Lightning's messages, the progress
+    at each validation, the result, any error), on rank 0."""
+    if rank_zero_only.rank != 0:
+        return
+    _stop_logging_to_file()
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("vitexp", "lightning.pytorch"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    _RUN_LOG["handler"] = handler
+
+
+def _stop_logging_to_file(error: str | None = None) -> None:
+    """Close train.log, with the error line that ended the run (only there: the console
+    gets it from the command line's handler)."""
+    handler = _RUN_LOG.pop("handler", None)
+    if handler is None:
+        return
+    if error:
+        handler.handle(logging.makeLogRecord({"msg": f"error: {error}", "levelname": "ERROR"}))
+    for name in ("vitexp", "lightning.pytorch"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def remove_new_empty_dirs(path: Path, since: float | None = None) -> None:
+    """Remove `path` and its parents while they are empty and were made by this process
+    (after `since`, default: when vitexp.train was imported): Hydra makes the run
+    directory before any check, and a run that stops on a check leaves nothing behind."""
+    since = _IMPORTED_AT if since is None else since
+    path = Path(path).absolute()
+    stop = Path.cwd().absolute()
+    while path != stop and path.is_dir() and path.stat().st_mtime >= since:
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            return
+        path = path.parent
+
+
+def describe_run(
+    c: TrainConfig, trainer: L.Trainer, num_classes: int, run_dir: Path, resume: Path | None
+) -> str:
+    """The config summary line at the top of a run's console output and train.log."""
+    t, m = c.trainer, c.model
+    budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.max_epochs} epochs"
+    precision, compiled = speed_switches(t)
+    batch = c.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    return (
+        f"{c.stage} {m.name} ({m.pos_embed.kind}/{m.pos_embed.placement}, {m.pool}) on "
+        f"{c.data.name} ({num_classes} classes): {budget}, global batch {batch}, "
+        f"{c.optim.name} lr {c.optim.lr:g}, {precision}{', compiled' if compiled else ''}, "
+        f"{trainer.world_size} process(es) -> {run_dir}"
+        + (f" (resuming {resume})" if resume else "")
+    )
+
+
+def check_val_interval(c: TrainConfig, batches_per_epoch: int | None) -> None:
+    """Lightning refuses a validation interval longer than an epoch (when it counts within
+    epochs); say so before the run starts, with the two ways out."""
+    t = c.trainer
+    v = t.val_check_interval
+    if (
+        isinstance(v, int)
+        and not isinstance(v, bool)
+        and t.check_val_every_n_epoch is not None
+        and batches_per_epoch is not None
+        and t.limit_train_batches is None
+        and v > batches_per_epoch
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval={v} is more than the {batches_per_epoch} training "
+            "batches of an epoch; lower it, or set trainer.check_val_every_n_epoch=null to "
+            "count the interval in steps across epochs"
+        )
+
+
+def _devices(t: TrainerConfig) -> int:
+    """Processes the run will have (for checks made before Lightning starts)."""
+    per_node = t.devices if type(t.devices) is int and t.devices > 0 else 1
+    return per_node * t.num_nodes
 
 
 def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
-    """Validate, train, test; returns what results.json holds."""
+    """Validate, train, test; returns what results.json holds. Every check (config, data,
+    device, run directory, checkpoints) runs before the run directory gets any file."""
     start = time.time()
     c = validate(cfg)
     from vitexp.data import ImageDataModule  # after validation: a bad config fails fast
@@ -342,22 +434,29 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         c.data, c.model.model_kwargs()["img_size"], c.model.mean, c.model.std, c.seed
     )
     data.setup("fit")  # missing or mismatched data is named before anything else
+    num_classes = data.num_classes
+    data.check_batch_size(_devices(c.trainer))
+    batches = data.batches_per_epoch(_devices(c.trainer))
+    if batches is None and c.trainer.max_steps < 1:
+        raise ConfigError(
+            "trainer.max_steps is not set and the data has no length (streaming): "
+            "set trainer.max_steps to give the schedule its end"
+        )
+    check_val_interval(c, batches)
     check_device(c.trainer)
     run_dir, resume = resolve_run_dir(c, hydra_dir)
-    resumed_step = None
-    if resume is not None:  # a broken or unsafe file stops here, clearly
-        saved = read_checkpoint(resume, "ckpt_path", weights=False)  # sharded: no weights
-        resumed_step = int(saved.get("global_step", 0))
-    if run_dir != hydra_dir and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
-        hydra_dir.rmdir()  # the fresh, empty directory Hydra made for this attempt
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _log_to_file(run_dir)
     L.seed_everything(c.seed, workers=True, verbose=False)
-    net = build_net(c, c.data.num_classes)
-    pretrained_meta = None
+    net = build_net(c, num_classes)
+    resumed_step = None
+    if resume is not None:  # a broken, unsafe or other-model checkpoint stops here, clearly
+        saved = read_checkpoint(resume, "ckpt_path", weights=False)  # sharded: no weights
+        if "vitexp" in saved:
+            check_resumable(saved["vitexp"]["model_config"], net, resume)
+        resumed_step = int(saved.get("global_step", 0))
+    pretrained, pretrained_meta = None, None
     if c.stage == "finetune":
-        pretrained_meta = load_pretrained(c.pretrained, net)
-        log.info("fine-tuning from %s at %s", c.pretrained, net.img_size)
+        pretrained = resolve_pretrained(c.pretrained)
+        pretrained_meta = load_pretrained(pretrained, net)
     meta = {
         "stage": c.stage,
         "data": c.data.name,
@@ -373,10 +472,22 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
 
         evaluator = FewShotEvaluator(c.fewshot, net.img_size, c.model.mean, c.model.std)
     trainer = build_trainer(c, run_dir, evaluator)
+
+    # --- every check passed: now the run directory is written
+    if run_dir != hydra_dir:
+        remove_new_empty_dirs(hydra_dir)  # the fresh directory Hydra made for this attempt
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(run_dir)
+    log.info("%s", describe_run(c, trainer, num_classes, run_dir, resume))
+    if c.data.num_classes is None:
+        log.info("data.num_classes=%d, from the data (%s)", num_classes, data.origin)
+    if pretrained is not None:
+        log.info("fine-tuning from %s at %s", pretrained, net.img_size)
     if trainer.is_global_zero:
         config_file = run_dir / ("config.yaml" if resume is None else "config.resume.yaml")
         write_atomic(config_file, OmegaConf.to_yaml(_without_hydra(cfg), resolve=True))
-
+        if c.logger.name == "wandb" and not (run_dir / "wandb_id.txt").is_file():
+            write_atomic(run_dir / "wandb_id.txt", trainer.logger.version)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
@@ -413,7 +524,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "best_checkpoint": trainer.checkpoint_callbacks[0].best_model_path or None,
-        "pretrained": c.pretrained,
+        "pretrained": str(pretrained) if pretrained else None,
         "pretrained_data": (pretrained_meta or {}).get("data"),
         "resumed_from": str(resume) if resume else None,
         "resumed_at_step": resumed_step,
@@ -426,11 +537,16 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         acc = results["metrics"].get("test/acc")
-        print(
-            f"{c.stage} on {c.data.name}: test accuracy {acc:.4f} after {results['steps']} steps "
-            f"({results['wall_time_s']:.0f} s) -> {run_dir}/results.json",
-            flush=True,
+        log.info(
+            "%s on %s: test accuracy %.4f after %d steps (%.0f s) -> %s/results.json",
+            c.stage,
+            c.data.name,
+            acc,
+            results["steps"],
+            results["wall_time_s"],
+            run_dir,
         )
+    _stop_logging_to_file()
     return results
 
 
@@ -486,13 +602,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return run(cfg)["metrics"].get("test/acc")
     except NotApplicableCell as err:
         if not _in_multirun():
+            remove_new_empty_dirs(Path(HydraConfig.get().runtime.output_dir))
             raise
         log.info("skipping an N/A cell: %s", err)
         record_sweep_job(cfg, "n/a", str(err))
         return None
-    except Exception as err:
-        if _in_multirun() and rank_zero_only.rank == 0:
+    except BaseException as err:
+        _stop_logging_to_file(one_line(err))
+        if _in_multirun() and rank_zero_only.rank == 0 and isinstance(err, Exception):
             record_sweep_job(cfg, "failed", one_line(err))
+        elif not _in_multirun():
+            remove_new_empty_dirs(Path(HydraConfig.get().runtime.output_dir))
         raise
 
 

@@ -79,7 +79,7 @@ class ImageDataModule(L.LightningDataModule):
         if self._splits is None:
             splits = self._load()
             n = len(splits.class_names)
-            if n != self.cfg.num_classes:
+            if self.cfg.num_classes is not None and n != self.cfg.num_classes:
                 shown = ", ".join(splits.class_names[:10]) + (", ..." if n > 10 else "")
                 raise DataError(
                     f"data.num_classes={self.cfg.num_classes} but {splits.origin} has {n} "
@@ -113,6 +113,28 @@ class ImageDataModule(L.LightningDataModule):
         if a.random_resized_crop:
             need = max(need, side / math.sqrt(a.scale_min))
         return math.ceil(need)
+
+    @property
+    def origin(self) -> str:
+        """Where the data comes from, as errors name it."""
+        return self._build().origin
+
+    def batches_per_epoch(self, world_size: int) -> int | None:
+        """Training batches per epoch on each of `world_size` processes (None: streamed)."""
+        train = self._build().train
+        if isinstance(train, IterableDataset):
+            return None
+        return math.ceil(len(train) / world_size) // self.cfg.batch_size
+
+    def check_batch_size(self, world_size: int) -> None:
+        """One whole batch per device at least (the last partial batch is dropped)."""
+        if self.batches_per_epoch(world_size) == 0:
+            n = len(self._build().train)
+            raise DataError(
+                f"data.batch_size={self.cfg.batch_size} is larger than the "
+                f"{math.ceil(n / world_size)} train examples per device ({n} on {world_size} "
+                "devices); lower data.batch_size"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -179,11 +201,7 @@ class ImageDataModule(L.LightningDataModule):
             # would miss set_epoch
             return TrainLoader(stream, world, drop_last=True, persistent_workers=False, **kw)
         sampler = EpochSampler(len(ds), self.seed, rank, world)
-        if len(sampler) < self.cfg.batch_size:
-            raise DataError(
-                f"data.batch_size={self.cfg.batch_size} is larger than the {len(sampler)} train "
-                f"examples per device ({len(ds)} on {world} devices); lower data.batch_size"
-            )
+        self.check_batch_size(world)
         return TrainLoader(
             Transformed(ds, transform),
             world,

@@ -252,6 +252,11 @@ def _stream_class_names(cfg: DataConfig, feature: Any, origin: str) -> list[str]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     if feature is None or (isinstance(feature, Value) and "int" in feature.dtype):
+        if cfg.num_classes is None:
+            raise DataError(
+                f"{origin}: the label column {cfg.label_column} holds plain integers and a "
+                "stream cannot be counted up front; set data.num_classes"
+            )
         return [str(i) for i in range(cfg.num_classes)]
     raise DataError(
         f"{origin}: streaming needs a ClassLabel or integer label column (data.label_column="
@@ -271,7 +276,9 @@ def _hf_streaming(cfg, dd, prepare, names, decoder, origin) -> Splits:
     for key in ("val_split", "test_split"):
         split = getattr(cfg, key)
         if split is not None:
-            held[key] = StreamSplit(prepare(dd[split]), cfg, decoder, f"{origin}[{split}]")
+            held[key] = StreamSplit(
+                prepare(dd[split]), cfg, len(names), decoder, f"{origin}[{split}]"
+            )
             continue
         where = f"{origin}[{cfg.train_split} head]"
         rows = []
@@ -281,7 +288,8 @@ def _hf_streaming(cfg, dd, prepare, names, decoder, origin) -> Splits:
             rows.append((value, _label(r[cfg.label_column], len(names), row)))
         taken += [value for value, _ in rows]
         held[key] = RowsSplit(rows, decoder, where)
-    stream = StreamSplit(train, cfg, decoder, f"{origin}[{cfg.train_split}]", HeldOut(taken))
+    where = f"{origin}[{cfg.train_split}]"
+    stream = StreamSplit(train, cfg, len(names), decoder, where, HeldOut(taken))
     return Splits(stream, held["val_split"], held["test_split"], list(names), origin)
 
 
@@ -322,13 +330,14 @@ class StreamSplit(IterableDataset):
         self,
         ds: Any,
         cfg: DataConfig,
+        num_classes: int,
         decoder: ImageDecoder,
         name: str,
         exclude: HeldOut | None = None,
     ) -> None:
         self.ds, self.decoder, self.name, self.exclude = ds, decoder, name, exclude
         self.image_column, self.label_column = cfg.image_column, cfg.label_column
-        self.buffer, self.num_classes = cfg.shuffle_buffer, cfg.num_classes
+        self.buffer, self.num_classes = cfg.shuffle_buffer, num_classes
         self.batch_size = cfg.batch_size  # the loader's; start_at says it again
         self.rank, self.world_size, self.seed, self.epoch = 0, 1, 0, 0
         self.train = False

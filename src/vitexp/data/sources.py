@@ -126,8 +126,10 @@ def load_digits(cfg: DataConfig) -> Splits:
 
 
 def load_shapes(cfg: DataConfig, img_size: tuple[int, int]) -> Splits:
-    """The procedural position-dependent dataset of vitexp.data.shapes."""
-    if cfg.num_classes > shapes_lib.MAX_CLASSES:
+    """The procedural position-dependent dataset of vitexp.data.shapes (data.num_classes of
+    its classes; all of them when null)."""
+    num_classes = shapes_lib.MAX_CLASSES if cfg.num_classes is None else cfg.num_classes
+    if num_classes > shapes_lib.MAX_CLASSES:
         raise DataError(
             f"data.num_classes={cfg.num_classes} but shapes has at most "
             f"{shapes_lib.MAX_CLASSES} classes (16 shape types x 4 quadrants); "
@@ -141,10 +143,10 @@ def load_shapes(cfg: DataConfig, img_size: tuple[int, int]) -> Splits:
         )
     sizes = {"train": cfg.shapes.num_train, "val": cfg.shapes.num_val, "test": cfg.shapes.num_test}
     made = [
-        shapes_lib.ShapesDataset(n, cfg.num_classes, img_size, cfg.seed, split)
+        shapes_lib.ShapesDataset(n, num_classes, img_size, cfg.seed, split)
         for split, n in sizes.items()
     ]
-    return Splits(*made, shapes_lib.class_names(cfg.num_classes), "data.source=shapes")
+    return Splits(*made, shapes_lib.class_names(num_classes), "data.source=shapes")
 
 
 def load_torchvision(cfg: DataConfig) -> Splits:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 
 import matplotlib
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import text_to_path
 
 from vitexp.viz.compute import similarity_mosaic, unit_range
 
@@ -23,6 +26,33 @@ def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
+
+
+def fit_title(title: str, fig: Figure, fontsize: float) -> str:
+    """`title` as it is if every line fits the figure's width, else re-wrapped (textwrap) into
+    as few lines of even length as fit, measured in the title's font."""
+    room = 0.92 * fig.get_figwidth() * 72  # points, less a margin at each edge
+    font = FontProperties(size=fontsize)
+
+    def widest(text: str) -> float:
+        return max(
+            text_to_path.get_text_width_height_descent(line, font, False)[0]
+            for line in text.splitlines()
+        )
+
+    if widest(title) <= room:
+        return title
+    words, chars = " ".join(title.split()), max(map(len, title.splitlines()))
+    while widest(textwrap.fill(words, chars)) > room and chars > 20:
+        chars -= 1
+    lines = len(textwrap.wrap(words, chars))
+    while chars > 20 and len(textwrap.wrap(words, chars - 1)) == lines:  # balance the lines
+        chars -= 1
+    return textwrap.fill(words, chars)
+
+
+def _suptitle(fig: Figure, title: str, fontsize: float) -> None:
+    fig.suptitle(fit_title(title, fig, fontsize), fontsize=fontsize)
 
 
 def _show_image(ax, image: np.ndarray) -> None:
@@ -50,7 +80,7 @@ def draw_attention(
         _show_image(ax_mask, (image * weight).astype(np.uint8))
         ax_mask.set_title("image x attention map", fontsize=9)
     fig.colorbar(last, ax=axes, shrink=0.6, label="rollout (min-max per image)")
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, title, fontsize=10)
     return fig
 
 
@@ -72,7 +102,7 @@ def draw_filters(pcs: torch.Tensor, ratio: torch.Tensor, title: str, cols: int =
         else:  # grey (1 channel) or the channel mean
             ax.imshow(pc.mean(0).numpy(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(f"PC{i + 1} ({100 * ratio[i]:.1f}%)", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, title, fontsize=10)
     return fig
 
 
@@ -110,7 +140,7 @@ def draw_pos_similarity(
         for spine in ax.spines.values():
             spine.set_visible(False)
     fig.colorbar(last, ax=list(axes), shrink=0.8, label="cosine similarity")
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, title, fontsize=10)
     return fig
 
 
@@ -124,7 +154,7 @@ def draw_relative_similarity(sim: torch.Tensor, title: str) -> Figure:
     ax.set_xlabel("offset k - q (key - query, row-major patch index)")
     ax.set_ylabel("offset k - q")
     fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
-    fig.suptitle(title, fontsize=9)
+    _suptitle(fig, title, fontsize=9)
     return fig
 
 
@@ -153,5 +183,5 @@ def draw_attention_distance(distance: torch.Tensor, title: str) -> Figure:
     ax.grid(alpha=0.3)
     if heads <= 16:
         ax.legend(fontsize=7, ncols=2, loc="lower right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(fit_title(title, fig, fontsize=9), fontsize=9)
     return fig
