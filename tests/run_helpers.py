@@ -35,7 +35,9 @@ RUN = [
 ]
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def start(run_dir: Path, *extra: str, new_session: bool = False) -> subprocess.Popen:
+    """The run in its own process group with `new_session` (a terminal's Ctrl-C reaches the
+    whole group: os.killpg)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "vitexp.train", *RUN, f"hydra.run.dir={run_dir}", *extra],
@@ -44,6 +46,7 @@ def start(run_dir: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,
     )
 
 

@@ -3,6 +3,8 @@ ends; DDP on two CPU processes (gloo) trains and writes one result."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import time
@@ -129,3 +131,50 @@ def test_signal_saves_at_a_batch_boundary_then_resumes(
     assert resumed["resumed_at_step"] == step and resumed["steps"] == 150
     for key, value in uninterrupted_slower["metrics"].items():
         assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def _ctrl_c(proc, times: int = 1) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to the run's whole process group (the loader
+    workers included)."""
+    for _ in range(times):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.02)
+
+
+def test_ctrl_c_saves_the_current_step_says_how_to_resume_and_resumes_exactly(
+    tmp_path: Path, uninterrupted: dict
+):
+    run_dir = tmp_path / "ctrl_c"
+    proc = start(run_dir, "trainer.checkpoint_every_n_steps=null", new_session=True)
+    wait_for_checkpoint(run_dir, 5)  # the validation at step 5 saved last.ckpt
+    time.sleep(0.4)  # a few steps later, before the next one
+    _ctrl_c(proc)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    pattern = r"interrupted \(Ctrl-C\) at step (\d+);.*resume with ckpt_path=last"
+    match = re.search(pattern, errors[0])
+    assert match, errors[0]
+    step = int(match.group(1))
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved == step  # the step it stopped at, not the last periodic save
+    assert "Detected KeyboardInterrupt" not in out
+    assert errors[0].removeprefix("error: ") in (run_dir / "train.log").read_text()
+    finish(start(run_dir, "ckpt_path=last"))
+    resumed = results(run_dir)
+    for key, value in uninterrupted["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_whole(tmp_path: Path):
+    run_dir = tmp_path / "ctrl_c_twice"
+    proc = start(run_dir, new_session=True)
+    wait_for_checkpoint(run_dir, 3)
+    _ctrl_c(proc, times=2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Ctrl-C" in errors[0], out[-3000:]
+    torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # whole
+    assert not list((run_dir / "checkpoints").glob(".*partial"))

@@ -103,11 +103,36 @@ class PreemptionCheckpoint(L.Callback):
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._on_signal)
+        self._previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_interrupt)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if signal.SIGINT in self._previous and self.received != signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
 
     def _on_signal(self, signum: int, frame) -> None:
         log.warning("received %s: stopping after this batch", signal.Signals(signum).name)
         self.received = signum
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's graceful stop at a batch boundary
+
+    def _on_interrupt(self, signum: int, frame) -> None:
+        """Ctrl-C: stop like SIGTERM, at the end of this batch, saving last.ckpt; a second
+        Ctrl-C stops at once (Python's KeyboardInterrupt)."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.received is None:
+            print(
+                "\nCtrl-C: stopping after this batch and saving checkpoints/last.ckpt "
+                "(Ctrl-C again to stop at once, without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.received = signal.SIGINT
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (not by SIGTERM or a preemption signal)."""
+        return self.received == signal.SIGINT
 
     def _save(self, trainer: L.Trainer) -> None:
         if self.saved_step != trainer.global_step:
@@ -133,8 +158,8 @@ class PreemptionCheckpoint(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         self._save(trainer)  # a no-op when a checkpoint point above already saved this step
-        if self.received is None:
-            return  # a plain SIGTERM: the caller reports it and exits
+        if self.received in (None, signal.SIGINT):
+            return  # a plain SIGTERM or Ctrl-C: the caller reports it and exits
         previous = self._previous.get(self.received)
         if callable(previous):  # submitit's handler: requeue this job, then exit
             previous(self.received, None)

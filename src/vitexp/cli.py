@@ -141,7 +141,12 @@ def run_cli(entry: Callable[[], object]) -> None:
     try:
         entry()
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(
+            "error: stopped at once by Ctrl-C; checkpoints are never left half-written: "
+            "where a run has checkpoints/last.ckpt, resume it with ckpt_path=last",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(130)
     except Exception as err:
         exit_with(err)

@@ -34,6 +34,11 @@ class Diverged(VitexpError, FloatingPointError):
 
 
 class Interrupted(VitexpError):
-    """The run stopped for a signal (SIGTERM, preemption) after saving its checkpoint."""
+    """The run stopped for a signal (SIGTERM, preemption, Ctrl-C) after saving its checkpoint."""
 
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a terminated process
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code  # 130 = 128 + SIGINT for Ctrl-C

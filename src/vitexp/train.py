@@ -491,14 +491,26 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
+        by_user = any(getattr(cb, "interrupted", False) for cb in trainer.callbacks)
+        how = "interrupted (Ctrl-C)" if by_user else "stopped by a signal"
         message = (
-            f"stopped by a signal at step {trainer.global_step}; {run_dir}/checkpoints/last.ckpt "
-            "holds that step: resume with ckpt_path=last (a requeued SLURM job resumes by itself)"
+            f"{how} at step {trainer.global_step}; {run_dir}/checkpoints/last.ckpt holds that "
+            "step: resume with ckpt_path=last"
+            + ("" if by_user else " (a requeued SLURM job resumes by itself)")
         )
-        if slurm_job_id():  # SLURM requeues or cancels the job: leave no result for submitit
+        if slurm_job_id() and not by_user:  # SLURM requeues or cancels: no result for submitit
+            _stop_logging_to_file(message)
             print(f"error: {message}", file=sys.stderr, flush=True)
             sys.exit(Interrupted.exit_code)
-        raise Interrupted(message) from None
+        raise Interrupted(message, exit_code=130 if by_user else Interrupted.exit_code) from None
+    except SystemExit:  # Lightning's exit after a second Ctrl-C (KeyboardInterrupt)
+        if not any(getattr(cb, "interrupted", False) for cb in trainer.callbacks):
+            raise
+        raise Interrupted(
+            "stopped at once by a second Ctrl-C; checkpoints/last.ckpt in "
+            f"{run_dir} is the last one saved (whole): resume with ckpt_path=last",
+            exit_code=130,
+        ) from None
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
     results = {

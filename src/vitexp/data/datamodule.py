@@ -184,6 +184,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=cuda,
             collate_fn=Collate(self.img_size),
+            worker_init_fn=_init_worker,
             # the loader's worker seeds come from its own generator, not the global RNG: a
             # resumed run then draws the same dropout masks as an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed),
@@ -234,6 +235,20 @@ class ImageDataModule(L.LightningDataModule):
         data = Transformed(ds, transform, indices=range(rank, len(ds), world))  # no padding
         persistent = self.cfg.num_workers > 0
         return Loader(data, shuffle=False, persistent_workers=persistent, **self._loader_kwargs())
+
+
+def _init_worker(worker_id: int) -> None:
+    """A loader worker ignores Ctrl-C: the terminal sends it to the whole process group, and
+    the main process stops at the end of the batch (vitexp.callbacks.PreemptionCheckpoint),
+    which needs its workers alive until then. Lightning's worker seeding is kept."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 # --- datasets with transforms --------------------------------------------------------------
