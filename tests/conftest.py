@@ -54,3 +54,15 @@ def uninterrupted(tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("whole") / "whole"
     finish(start(run_dir))
     return results(run_dir)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """Hugging Face datasets with no hub access and a private cache."""
+    import datasets.config
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    # datasets waits 5 s after a multi-shard stream ends (an Arrow thread-shutdown workaround)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)

@@ -160,7 +160,7 @@ def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Com
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
 
 

@@ -218,8 +218,9 @@ def test_imagefolder_flat_layout_extensions_and_mismatch(tmp_path):
         rf"^data.num_classes=10 but data.root={tmp_path} has 3 classes \(cat, dog, fox\); "
         r"set data.num_classes=3$"
     )
-    with pytest.raises(DataError, match=msg):
-        dm_for(data_cfg(source="imagefolder", root=str(tmp_path)))
+    with pytest.raises(DataError, match=msg):  # given, and wrong
+        dm_for(data_cfg(source="imagefolder", root=str(tmp_path), num_classes=10))
+    assert dm_for(data_cfg(source="imagefolder", root=str(tmp_path))).num_classes == 3  # read
     dm = dm_for(data_cfg(source="imagefolder", root=str(tmp_path), num_classes=3))
     sizes = [len(dm.split_labels(s)) for s in ("train", "val", "test")]
     assert sizes == [13, 1, 4]  # 20% of 18 for test, 10% of the 14 left for val
@@ -343,15 +344,6 @@ def test_corrupt_files_in_loaders(tmp_path, workers):
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------
-@pytest.fixture
-def hf_offline(monkeypatch, tmp_path):
-    import datasets.config
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    # datasets waits 5 s after a multi-shard stream ends (an Arrow thread-shutdown workaround)
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
 def test_hf_parquet_map_style(tmp_path, hf_offline):

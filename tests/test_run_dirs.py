@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from data_helpers import write_folder
+from test_config import _cli
 from test_train import TINY, train
 from vitexp.checkpoint import resolve_pretrained
 from vitexp.errors import CheckpointError
@@ -25,15 +24,7 @@ QUICK = [*TINY, "fewshot.enabled=false"]
 
 
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run(
-        [sys.executable, "-m", "vitexp.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return _cli(*args, cwd=cwd)
 
 
 def tree(root: Path) -> dict[str, tuple]:

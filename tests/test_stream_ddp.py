@@ -28,17 +28,6 @@ from vitexp.errors import DataError
 SMALL, LARGE = range(0, 8), range(8, 52)  # two parquet shards of 8 and 44 rows
 
 
-@pytest.fixture
-def hf_offline(monkeypatch, tmp_path):
-    import datasets.config
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    # datasets sleeps 5 s at the end of a multi-shard stream (an Arrow workaround)
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-
-
 def shards(tmp_path: Path, labels=None) -> list[str]:
     paths = [tmp_path / "small.parquet", tmp_path / "large.parquet"]
     for path, ids in zip(paths, (SMALL, LARGE), strict=True):
