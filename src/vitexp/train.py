@@ -327,7 +327,7 @@ def build_net(c: TrainConfig, num_classes: int) -> VisionTransformer:
     return VisionTransformer(num_classes=num_classes, **c.model.model_kwargs())
 
 
-_RUN_LOG: dict[str, logging.Handler] = {}  # the train.log handler of the run in progress
+RUN_LOG = "vitexp-train-log"  # the name of the train.log handler of the run in progress
 
 
 def _log_to_file(run_dir: Path) -> None:
@@ -339,18 +339,20 @@ def _log_to_file(run_dir: Path) -> None:
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
+    handler.set_name(RUN_LOG)
     for name in ("vitexp", "lightning.pytorch"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
-    _RUN_LOG["handler"] = handler
 
 
 def _stop_logging_to_file(error: str | None = None) -> None:
     """Close train.log, with the error line that ended the run (only there: the console
     gets it from the command line's handler)."""
-    handler = _RUN_LOG.pop("handler", None)
+    # found through the logger, not kept in a global: submitit pickles this module's
+    # functions with their globals when it requeues a job, and a handler holds a lock
+    handler = next((h for h in logging.getLogger("vitexp").handlers if h.name == RUN_LOG), None)
     if handler is None:
         return
     if error:
