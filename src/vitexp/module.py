@@ -21,6 +21,10 @@ from vitexp.errors import ConfigError, Diverged
 from vitexp.models import VisionTransformer
 
 CHECKPOINT_FORMAT = 1
+NO_SCHEDULE_END = (
+    "trainer.max_steps is not set and the data has no length (streaming): "
+    "set trainer.max_steps to give the schedule its end"
+)
 
 
 def lr_lambda(
@@ -213,10 +217,7 @@ class ViTModule(L.LightningModule):
         s = self.schedule_cfg
         total_steps = self.trainer.estimated_stepping_batches
         if math.isinf(total_steps) or total_steps < 1:  # Lightning gives -1 for some streams
-            raise ConfigError(
-                "trainer.max_steps is not set and the data has no length (streaming): "
-                "set trainer.max_steps to give the schedule its end"
-            )
+            raise ConfigError(NO_SCHEDULE_END)
         schedule = partial(
             lr_lambda,
             total_steps=int(total_steps),

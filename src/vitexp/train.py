@@ -426,7 +426,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     start = time.time()
     c = validate(cfg)
     from vitexp.data import ImageDataModule  # after validation: a bad config fails fast
-    from vitexp.module import ViTModule
+    from vitexp.module import NO_SCHEDULE_END, ViTModule
 
     hydra_dir = Path(hydra_dir or HydraConfig.get().runtime.output_dir)
     if requeue_count() > 0 and (hydra_dir / "results.json").is_file():
@@ -440,10 +440,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     data.check_batch_size(_devices(c.trainer))
     batches = data.batches_per_epoch(_devices(c.trainer))
     if batches is None and c.trainer.max_steps < 1:
-        raise ConfigError(
-            "trainer.max_steps is not set and the data has no length (streaming): "
-            "set trainer.max_steps to give the schedule its end"
-        )
+        raise ConfigError(NO_SCHEDULE_END)
     check_val_interval(c, batches)
     check_device(c.trainer)
     run_dir, resume = resolve_run_dir(c, hydra_dir)
@@ -493,7 +490,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
-        by_user = any(getattr(cb, "interrupted", False) for cb in trainer.callbacks)
+        by_user = _interrupted_by_user(trainer)
         how = "interrupted (Ctrl-C)" if by_user else "stopped by a signal"
         message = (
             f"{how} at step {trainer.global_step}; {run_dir}/checkpoints/last.ckpt holds that "
@@ -506,7 +503,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
             sys.exit(Interrupted.exit_code)
         raise Interrupted(message, exit_code=130 if by_user else Interrupted.exit_code) from None
     except SystemExit:  # Lightning's exit after a second Ctrl-C (KeyboardInterrupt)
-        if not any(getattr(cb, "interrupted", False) for cb in trainer.callbacks):
+        if not _interrupted_by_user(trainer):
             raise
         raise Interrupted(
             "stopped at once by a second Ctrl-C; checkpoints/last.ckpt in "
@@ -562,6 +559,11 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         )
     _stop_logging_to_file()
     return results
+
+
+def _interrupted_by_user(trainer: L.Trainer) -> bool:
+    """Ctrl-C (vitexp.callbacks.PreemptionCheckpoint), not SIGTERM or preemption."""
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.interrupted for cb in trainer.callbacks)
 
 
 def _best_score(trainer: L.Trainer) -> float | None:
