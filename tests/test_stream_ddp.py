@@ -122,6 +122,25 @@ def test_resume_is_exact_and_decodes_only_the_rows_it_yields(
         assert resumed.state_dict()["batches"] == 6
 
 
+def test_workers_starting_together_see_the_same_epoch(tmp_path, hf_offline, monkeypatch):
+    """HF's `IterableDataset.set_epoch` is a read-modify-write of one tensor shared by all
+    loader workers; slowed down here so that workers starting together race, as they did
+    under load in CI (one worker shuffled for epoch 9 instead of 3). The stream must not
+    depend on that shared state."""
+    import datasets
+
+    def slow_set_epoch(self, epoch):
+        step = epoch - int(self._epoch)
+        time.sleep(0.3)
+        self._epoch += step
+
+    monkeypatch.setattr(datasets.IterableDataset, "set_epoch", slow_set_epoch)
+    files = shards(tmp_path)
+    single = epoch_batches(rank_loader(stream_dm(files, batch_size=4), 1, 2), 3)
+    parallel = epoch_batches(rank_loader(stream_dm(files, batch_size=4, num_workers=3), 1, 2), 3)
+    assert parallel == single
+
+
 def test_integer_label_column(tmp_path, hf_offline):
     dm = stream_dm(shards(tmp_path, labels=lambda i: i % 3), batch_size=5)
     assert dm.class_names == ["0", "1", "2"]

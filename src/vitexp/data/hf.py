@@ -305,8 +305,8 @@ class StreamSplit(IterableDataset):
     same batches whatever the number of ranks' loader workers, and resumable exactly.
 
     `configure(rank, world_size, shuffle_seed)` returns the copy for one rank; with a seed
-    (training) the stream is shuffled with data.shuffle_buffer, and HF re-seeds it per epoch
-    (`set_epoch`), identically on every rank and worker. Row i of that stream (held-out head
+    (training) the stream is shuffled with data.shuffle_buffer, with a seed drawn from
+    (seed, epoch), identically on every rank and worker. Row i of that stream (held-out head
     rows dropped) goes to rank i % world_size:
 
     - training keeps only complete rounds of world_size rows and complete batches, so every
@@ -347,7 +347,6 @@ class StreamSplit(IterableDataset):
         out = copy.copy(self)
         out.train = shuffle_seed is not None
         if out.train:
-            out.ds = self.ds.shuffle(seed=shuffle_seed, buffer_size=self.buffer)
             if world_size > 1 and rank == 0:
                 log.info(
                     "streamed train data: rows interleaved across %d ranks (row i -> rank "
@@ -368,8 +367,11 @@ class StreamSplit(IterableDataset):
         worker = get_worker_info()
         wid, nw = (worker.id, worker.num_workers) if worker else (0, 1)
         start = self._start[1] if self._start and self._start[0] == self.epoch else 0
-        self.ds.set_epoch(self.epoch)
         return self._items(start, wid, nw)
+
+    def _epoch_seed(self) -> int:
+        digest = hashlib.blake2b(repr((self.seed, self.epoch)).encode(), digest_size=7).digest()
+        return int.from_bytes(digest)
 
     def _stream(self):
         """(value, label) of every row, held-out ones dropped. `ds.iter` rather than
@@ -378,7 +380,12 @@ class StreamSplit(IterableDataset):
             import fsspec.asyn
 
             fsspec.asyn.reset_lock()  # as HF does in a worker: a forked lock would hang
-        for batch in self.ds.iter(batch_size=64):
+        ds = self.ds
+        if self.train:  # a fresh shuffle per epoch, not HF's set_epoch: that updates a
+            # tensor shared by all loader workers without a lock, and concurrent workers
+            # could leave it at twice the epoch (a different order in one worker)
+            ds = ds.shuffle(seed=self._epoch_seed() % (1 << 32), buffer_size=self.buffer)
+        for batch in ds.iter(batch_size=64):
             columns = batch[self.image_column], batch[self.label_column]
             for value, label in zip(*columns, strict=True):
                 if not (self.exclude and value in self.exclude):
@@ -391,9 +398,7 @@ class StreamSplit(IterableDataset):
             for k, round_ in enumerate(_chunks(self._stream(), world))
             if len(round_) > rank and (len(round_) == world or not self.train)
         )
-        base = int.from_bytes(
-            hashlib.blake2b(repr((self.seed, self.epoch)).encode(), digest_size=7).digest()
-        )
+        base = self._epoch_seed()
         batches = 0
         for j, batch in enumerate(_chunks(mine, size)):
             if self.train and len(batch) < size:
