@@ -346,14 +346,13 @@ class StreamSplit(IterableDataset):
     def configure(self, rank: int, world_size: int, shuffle_seed: int | None) -> StreamSplit:
         out = copy.copy(self)
         out.train = shuffle_seed is not None
-        if out.train:
-            if world_size > 1 and rank == 0:
-                log.info(
-                    "streamed train data: rows interleaved across %d ranks (row i -> rank "
-                    "i %% %d), each rank reads every shard and decodes its own rows",
-                    world_size,
-                    world_size,
-                )
+        if out.train and world_size > 1 and rank == 0:
+            log.info(
+                "streamed train data: rows interleaved across %d ranks (row i -> rank "
+                "i %% %d), each rank reads every shard and decodes its own rows",
+                world_size,
+                world_size,
+            )
         out.rank, out.world_size, out.seed = rank, world_size, shuffle_seed or 0
         return out
 
