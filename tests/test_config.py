@@ -13,14 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from vitexp.cli import one_line
-from vitexp.config import register_configs, validate
-from vitexp.models import create_model
-from vitexp.models.vit import VisionTransformer
-from vitexp.train import CONFIG_DIR
+from vitexp.config import CONFIG_DIR, register_configs, validate
+from vitexp.models import SIZES, build_model, create_model, model_config
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+MODELS = sorted(SIZES)
 REPO = Path(CONFIG_DIR).parent
 
 
@@ -55,10 +53,12 @@ def test_every_preset_composes_and_validates(experiment):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_model_configs_match_create_model(model):
+def test_every_size_is_a_model_choice(model):
+    """The sizes table is the one list: `model=NAME` composes to `model_config(NAME)`."""
     cfg = validate(compose_cfg([f"model={model}"]))
+    assert cfg.model == model_config(model)
     with torch.device("meta"):
-        from_config = VisionTransformer(num_classes=10, **cfg.model.model_kwargs())
+        from_config = build_model(cfg.model, num_classes=10)
         by_name = create_model(model, num_classes=10)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(from_config) == count(by_name)
@@ -86,7 +86,7 @@ def test_paper_presets_use_the_papers_hyper_parameters():
     )
     f = validate(compose_cfg(["+experiment=finetune_in1k"]))
     assert (f.model.img_size, f.optim.name, f.optim.momentum, f.optim.weight_decay) == (
-        384,
+        (384, 384),
         "sgd",
         0.9,
         0.0,

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from test_train import FINETUNE, train
+from vitexp import load_model
 from vitexp import module as module_lib
 from vitexp.models import VisionTransformer
+from vitexp.models.factory import config_from_record
 
 CLIP = 1e-3  # far below the raw gradient norm of these runs: every step is clipped
 
@@ -179,8 +181,7 @@ def test_finetune_from_a_compiled_checkpoint(
         f"pretrained={compiled_run}/checkpoints/last.ckpt",
     )
     assert results["steps"] == 2 and results["pretrained_data"] == "shapes"
-    ckpt = torch.load(Path(results["checkpoint"]), weights_only=True)
-    assert ckpt["vitexp"]["grid_size"] == (12, 12)
+    assert load_model(results["checkpoint"]).grid_size == (12, 12)
 
 
 @pytest.mark.slow
@@ -188,11 +189,12 @@ def test_compiled_and_eager_modules_share_checkpoints(compiled_run: Path):
     """A compiled run's weights load into an eager model and back, with the same logits."""
     content = torch.load(compiled_run / "checkpoints" / "last.ckpt", weights_only=True)
     state = {k.removeprefix("net."): v for k, v in content["state_dict"].items()}
-    eager = VisionTransformer(**content["vitexp"]["model_config"]).eval()
+    rebuild = lambda: VisionTransformer(*config_from_record(content["vitexp"])).eval()  # noqa: E731
+    eager = rebuild()
     eager.load_state_dict(state)
-    compiled = torch.compile(VisionTransformer(**content["vitexp"]["model_config"]).eval())
+    compiled = torch.compile(rebuild())
     compiled._orig_mod.load_state_dict(eager.state_dict())  # into the compiled model ...
-    back = VisionTransformer(**content["vitexp"]["model_config"]).eval()
+    back = rebuild()
     back.load_state_dict(compiled._orig_mod.state_dict())  # ... and back out of it
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

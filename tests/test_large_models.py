@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from run_helpers import finish
 from test_config import compose_cfg, error_line
 from vitexp.checkpoint import (
-    ARCHITECTURE_KEYS,
     AtomicCheckpointIO,
     load_pretrained,
     read_checkpoint,
@@ -29,9 +29,11 @@ from vitexp.checkpoint import (
 )
 from vitexp.config import validate
 from vitexp.errors import CheckpointError
-from vitexp.models import VisionTransformer
+from vitexp.models import VisionTransformer, ViTConfig, build_model
+from vitexp.models.factory import config_from_record, model_record
 from vitexp.models.vit import Block
-from vitexp.train import ShardedStrategy, build_net, build_strategy, build_trainer, resolve_run_dir
+from vitexp.rundir import resolve_run_dir
+from vitexp.trainer import ShardedStrategy, build_strategy, build_trainer
 
 from conftest import randomize_, tiny_vit
 
@@ -89,28 +91,30 @@ def test_grad_checkpointing_keeps_less_and_only_while_training():
 
 
 def test_grad_checkpointing_is_a_switch_not_architecture(tmp_path: Path):
-    assert "grad_checkpointing" not in ARCHITECTURE_KEYS
+    assert "grad_checkpointing" not in ViTConfig.RESUME
     c = validate(compose_cfg(["model.grad_checkpointing=true"]))
-    net = build_net(c, 10)
-    assert net.config["grad_checkpointing"] and all(
-        b.grad_checkpointing for b in net.encoder.blocks
-    )
-    assert not build_net(validate(compose_cfg([])), 10).encoder.blocks[0].grad_checkpointing
+    net = build_model(c.model, 10)
+    assert net.cfg.grad_checkpointing and all(b.grad_checkpointing for b in net.encoder.blocks)
+    assert not build_model(validate(compose_cfg([])).model, 10).encoder.blocks[0].grad_checkpointing
     on, off = randomize_(tiny_vit(grad_checkpointing=True)), randomize_(tiny_vit())
     # a checkpoint saved with the switch fine-tunes a model without it, and back (an old
     # checkpoint, from before the switch existed, has no such key)
-    old_config = {k: v for k, v in off.config.items() if k != "grad_checkpointing"}
+    old_config = {k: v for k, v in asdict(off.cfg).items() if k != "grad_checkpointing"}
+    old_config["num_classes"] = off.num_classes  # format 1 kept it in the config
     for saved, config, target in (
-        (on, on.config, tiny_vit(num_classes=3)),
+        (on, model_record(on)["model_config"], tiny_vit(num_classes=3)),
         (off, old_config, tiny_vit(num_classes=3, grad_checkpointing=True)),
     ):
         path = tmp_path / "pre.ckpt"
         state = {f"net.{k}": v for k, v in saved.state_dict().items()}
-        torch.save({"vitexp": {"model_config": dict(config)}, "state_dict": state}, path)
+        record = {"model_config": dict(config), "num_classes": saved.num_classes}
+        if config is old_config:
+            del record["num_classes"]
+        torch.save({"vitexp": record, "state_dict": state}, path)
         load_pretrained(path, target)
         fc1 = lambda m: m.encoder.blocks[1].mlp.fc1.weight  # noqa: E731
         assert torch.equal(fc1(target), fc1(saved))
-        assert target.config["grad_checkpointing"] != saved.config["grad_checkpointing"]
+        assert target.cfg.grad_checkpointing != saved.cfg.grad_checkpointing
 
 
 # --- trainer=fsdp: configuration ---------------------------------------------------------------
@@ -186,12 +190,12 @@ def write_sharded(path: Path, model: VisionTransformer, extra: dict | None = Non
     with warnings.catch_warnings():  # "no process group: saving in one process"
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=path, no_dist=True)
-    meta = {"global_step": 7, "vitexp": {"model_config": dict(model.config), "data": "shapes"}}
+    meta = {"global_step": 7, "vitexp": {**model_record(model), "data": "shapes"}}
     torch.save(meta, path / "meta.pt")
 
 
 def test_sharded_checkpoint_reads_like_a_file_and_fine_tunes(tmp_path: Path):
-    from vitexp.visualize import load_model
+    from vitexp import load_model
 
     source = randomize_(tiny_vit())
     write_sharded(tmp_path / "last.ckpt", source)
@@ -206,7 +210,7 @@ def test_sharded_checkpoint_reads_like_a_file_and_fine_tunes(tmp_path: Path):
     assert target.grid_size == (6, 6)
     qkv = lambda m: m.encoder.blocks[0].attn.qkv.weight  # noqa: E731
     assert torch.equal(qkv(target), qkv(source))
-    model, _ = load_model(tmp_path / "last.ckpt")  # vitexp.visualize
+    model = load_model(tmp_path / "last.ckpt")
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model(x), source.eval()(x))
 
@@ -331,7 +335,7 @@ def test_fsdp_pretrain_writes_full_and_sharded_checkpoints(fsdp_runs):
     # (the saved groups number parameters in the order of the model's named_parameters)
     groups = a["optimizer_states"][0]["param_groups"]
     decayed = next(g["params"] for g in groups if g["weight_decay"] > 0)
-    names = [n for n, _ in VisionTransformer(**a["vitexp"]["model_config"]).named_parameters()]
+    names = [n for n, _ in VisionTransformer(*config_from_record(a["vitexp"])).named_parameters()]
     assert [names[i] for i in sorted(decayed)] == [
         n for n in names if n.endswith("weight") and ".norm" not in n and "pos_embeds" not in n
     ]

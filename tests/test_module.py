@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
+from vitexp.models import VisionTransformer
+from vitexp.models.factory import config_from_record
 from vitexp.module import ViTModule, lr_lambda, sigmoid_cross_entropy
 
 from conftest import randomize_, tiny_vit
@@ -127,7 +129,10 @@ def test_checkpoint_records_how_to_rebuild():
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     meta = checkpoint["vitexp"]
-    assert meta["grid_size"] == (4, 4) and meta["num_prefix_tokens"] == 0
+    cfg, num_classes = config_from_record(meta)
+    rebuilt = VisionTransformer(cfg, num_classes=num_classes)
+    assert rebuilt.grid_size == (4, 4) and rebuilt.num_prefix_tokens == 0
+    assert rebuilt.load_state_dict(module.net.state_dict()) is not None  # same shapes
     assert meta["model_config"]["pos_embed"]["placement"] == "every_layer"
     assert meta["stage"] == "pretrain" and meta["data"] == "shapes"
     state = torch.get_rng_state()

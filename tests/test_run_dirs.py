@@ -18,7 +18,7 @@ from test_config import _cli
 from test_train import TINY, train
 from vitexp.checkpoint import resolve_pretrained
 from vitexp.errors import CheckpointError
-from vitexp.train import remove_new_empty_dirs
+from vitexp.rundir import remove_new_empty_dirs
 
 QUICK = [*TINY, "fewshot.enabled=false"]
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from test_config import compose_cfg
+from vitexp import load_model
 from vitexp.checkpoint import load_pretrained
 from vitexp.config import validate
 from vitexp.errors import CheckpointError, ConfigError
 from vitexp.models import VisionTransformer
-from vitexp.train import build_trainer, run
+from vitexp.models.factory import config_from_record
+from vitexp.train import run
+from vitexp.trainer import build_trainer
 
 from conftest import VALID_CELLS
 
@@ -71,7 +74,8 @@ def test_pretrain_writes_config_checkpoints_logs_results(pretrained: Path):
     metrics = (pretrained / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/acc" in metrics
     ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["vitexp"]["grid_size"] == (8, 8) and ckpt["vitexp"]["num_prefix_tokens"] == 1
+    model = load_model(pretrained / "checkpoints" / "last.ckpt")
+    assert model.grid_size == (8, 8) and model.num_prefix_tokens == 1 and not model.training
     assert ckpt["global_step"] == 4
     figures = {p.name for p in (pretrained / "figures").iterdir()}
     assert {
@@ -87,7 +91,7 @@ def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):
     results = train(tmp_path / "ft", *FINETUNE, f"pretrained={pretrained}/checkpoints/last.ckpt")
     assert results["stage"] == "finetune" and results["pretrained_data"] == "shapes"
     ckpt = torch.load(Path(results["checkpoint"]), weights_only=True)
-    assert ckpt["vitexp"]["grid_size"] == (12, 12)  # 48 px / 4 px patches
+    assert load_model(results["checkpoint"]).grid_size == (12, 12)  # 48 px / 4 px patches
     assert ckpt["state_dict"]["net.encoder.pos_embeds.0.weight"].shape == (1, 145, 32)
     assert ckpt["state_dict"]["net.head.weight"].shape == (10, 32)
 
@@ -102,11 +106,11 @@ def test_finetune_every_position_embedding(tmp_path: Path, kind, placement):
     ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
     # the fine-tune's starting point: the pretrained body, resampled to 12x12, zero head
     content = torch.load(ckpt, weights_only=True)
-    source = VisionTransformer(**content["vitexp"]["model_config"])
+    source = VisionTransformer(*config_from_record(content["vitexp"]))
     source.load_state_dict({k[4:]: v for k, v in content["state_dict"].items()})
     source.resize(48)
     cfg = validate(compose_cfg([*TINY, *FINETUNE, *pos, f"pretrained={ckpt}"]))
-    target = VisionTransformer(num_classes=10, **cfg.model.model_kwargs())
+    target = VisionTransformer(cfg.model, num_classes=10)
     load_pretrained(ckpt, target)
     for (name, want), (_, got) in zip(
         source.named_parameters(), target.named_parameters(), strict=True

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import MagicMock
@@ -20,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from vitexp.errors import CheckpointError, ConfigError, DataError
+from vitexp.models.factory import model_record
 from vitexp.visualize import (
     FILES,
     FiguresCallback,
@@ -225,7 +227,8 @@ def test_image_errors_are_data_errors(tmp_path: Path):
 def save_checkpoint(path: Path, model) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"net." + k: v for k, v in model.state_dict().items()}
-    meta = {"model_config": model.config, "mean": MEAN, "std": STD}
+    model.cfg = replace(model.cfg, mean=MEAN, std=STD)  # the normalisation it was trained with
+    meta = model_record(model)
     torch.save({"state_dict": state, "vitexp": meta}, path)
     return path
 

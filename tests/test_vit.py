@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitexp.models import VARIANTS, VisionTransformer, create_model
+from vitexp.models import SIZES, VisionTransformer, create_model
 
 from conftest import randomize_, tiny_vit
 
@@ -42,7 +42,7 @@ def test_paper_table_1_widths():
         assert len(m.encoder.blocks) == layers and m.embed_dim == width
         assert m.encoder.blocks[0].mlp.fc1.out_features == mlp
         assert m.encoder.blocks[0].attn.num_heads == heads
-    assert VARIANTS["vit_b16"]["patch_size"] == 16 and VARIANTS["vit_h14"]["patch_size"] == 14
+    assert SIZES["vit_b16"][1]["patch_size"] == 16 and SIZES["vit_h14"][1]["patch_size"] == 14
 
 
 def test_unknown_model_name():
@@ -90,7 +90,7 @@ def test_overlapping_patches_cover_shared_pixels():
         (dict(pool="cls", class_token=False), "pool=cls needs class_token=true"),
         (dict(pos_embed="learned_2d", embed_dim=33, num_heads=3), "learned_2d needs an even"),
         (dict(pos_embed="sincos_2d", embed_dim=34, num_heads=2), "divisible by 4"),
-        (dict(img_size="big"), "img_size='big' must be an int or a pair"),
+        (dict(img_size="big"), "img_size='big': use an int or \\[height, width\\]"),
         (dict(stem="vgg"), "stem='vgg' is not one of patch, r50"),
     ],
 )
@@ -133,7 +133,7 @@ def test_pre_logits_layer_and_reset_classifier():
     assert model.head.in_features == 24
     model.reset_classifier(7)
     assert isinstance(model.pre_logits, torch.nn.Identity) and model.head.in_features == 32
-    assert model.config["representation_size"] is None and model.config["num_classes"] == 7
+    assert model.cfg.representation_size is None and model.num_classes == 7
     assert torch.all(model(x) == 0)  # the paper's zero-initialised fine-tuning head
 
 
@@ -157,7 +157,7 @@ def test_attention_maps_equal_manual_softmax():
     model = randomize_(tiny_vit()).eval()
     x = torch.randn(1, 3, 32, 32)
     block = model.encoder.blocks[0]
-    tokens = model.encoder.add_position(model.embed(x), 0)
+    tokens = model.encoder.pos_embeds(model.embed(x), 0)  # eval: no position dropout
     h = block.norm1(tokens)
     q, k, _ = block.attn.qkv(h).reshape(1, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
     expected = ((q @ k.transpose(-2, -1)) / 8**0.5).softmax(-1)
@@ -185,7 +185,7 @@ def test_no_weight_decay_lists_embeddings():
 def test_config_rebuilds_the_same_model():
     model = randomize_(tiny_vit(pos_embed={"kind": "learned_2d", "placement": "every_layer"}))
     model.resize(48)
-    clone = VisionTransformer(**model.config)
+    clone = VisionTransformer(model.cfg, num_classes=model.num_classes)
     clone.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 48, 48)
     model.eval(), clone.eval()

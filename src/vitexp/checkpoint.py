@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -33,25 +34,10 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from vitexp.errors import CheckpointError
-from vitexp.models import VisionTransformer
+from vitexp.files import fsync_dir
 from vitexp.models.convert import load_timm_weights
+from vitexp.models.factory import build_model, config_from_record, family_of
 
-# Keys that must agree between a pretrained checkpoint and the fine-tuning model.
-ARCHITECTURE_KEYS = (
-    "patch_size",
-    "patch_stride",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "qkv_bias",
-    "pool",
-    "class_token",
-    "fc_norm",
-    "stem",
-)
-POS_EMBED_KEYS = ("kind", "placement")
 SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor state
 
 
@@ -75,7 +61,7 @@ def replace_dir(tmp: Path, path: Path) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     remove_path(old)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def remove_path(path: Path) -> None:
@@ -112,21 +98,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a crash right after it keeps the new file)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
 
 
 def _first_line(err: BaseException) -> str:
@@ -235,15 +207,44 @@ def _read_sharded(path: Path, what: str, weights: bool) -> dict[str, Any]:
     return content
 
 
-def _same(a: Any, b: Any) -> bool:
-    as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return as_tuple(a) == as_tuple(b)
+def read_model(path: str | Path, what: str = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a vitexp checkpoint with its weights, in eval mode on the CPU, and the
+    checkpoint's record (`checkpoint["vitexp"]`: stage, data, ...). The weights are those
+    the record names for evaluation (`eval_weights`: a run that keeps an average of its
+    weights names it), else the trained ones."""
+    return _model_from(read_checkpoint(path, what), path, what)
 
 
-def check_architecture(saved: dict[str, Any], model: VisionTransformer, path: Path) -> None:
+def _model_from(content: dict[str, Any], path: str | Path, what: str) -> tuple[nn.Module, dict]:
+    meta = content.get("vitexp")
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"{what}={path} is not a vitexp checkpoint (no model record)")
+    prefix = meta.get("eval_weights", "net.")
+    state = {
+        k.removeprefix(prefix): v
+        for k, v in content.get("state_dict", {}).items()
+        if k.startswith(prefix)
+    }
+    try:
+        cfg, num_classes = config_from_record(meta)
+        model = build_model(cfg, num_classes)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{what}={path} is damaged: {_first_line(err)}") from None
+    return model.eval(), meta
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """`vitexp.load_model("outputs/.../checkpoints/last.ckpt")`: the trained model, ready
+    for evaluation (eval mode, CPU; `model.cfg` says what it is, `model.cfg.mean/std` the
+    input normalisation it expects)."""
+    return read_model(path)[0]
+
+
+def check_architecture(saved: Any, model: nn.Module, path: Path) -> None:
     """Name the first architecture key where the pretrained checkpoint and the config
     disagree (resolution and class count may differ: fine-tuning changes them)."""
-    key, have, want = _first_difference(saved, model.config, ARCHITECTURE_KEYS)
+    key, have, want = _first_difference(saved, model.cfg, "ARCHITECTURE")
     if key is not None:
         raise CheckpointError(
             f"pretrained={path} has model.{key}={have} but the config has model.{key}="
@@ -251,11 +252,16 @@ def check_architecture(saved: dict[str, Any], model: VisionTransformer, path: Pa
         )
 
 
-def check_resumable(saved: dict[str, Any], model: VisionTransformer, path: Path) -> None:
+def check_resumable(record: dict[str, Any], model: nn.Module, path: Path) -> None:
     """A run resumes only with the model it was started with: every architecture key, the
     resolution, the class count and the pre-logits layer must agree."""
-    keys = (*ARCHITECTURE_KEYS, "img_size", "representation_size", "num_classes")
-    key, have, want = _first_difference(saved, model.config, keys)
+    try:
+        saved, num_classes = config_from_record(record)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"ckpt_path={path} is damaged: {_first_line(err)}") from None
+    key, have, want = _first_difference(saved, model.cfg, "RESUME")
+    if key is None and num_classes != model.num_classes:
+        key, have, want = "num_classes", num_classes, model.num_classes
     if key is not None:
         name = f"data.num_classes={want}" if key == "num_classes" else f"model.{key}={want}"
         raise CheckpointError(
@@ -265,13 +271,13 @@ def check_resumable(saved: dict[str, Any], model: VisionTransformer, path: Path)
         )
 
 
-def _first_difference(saved: dict[str, Any], wanted: dict[str, Any], keys) -> tuple:
-    pairs = [(k, saved.get(k), wanted[k]) for k in keys]
-    pairs += [
-        (f"pos_embed.{k}", saved["pos_embed"].get(k), wanted["pos_embed"][k])
-        for k in POS_EMBED_KEYS
-    ]
-    return next(((k, a, b) for k, a, b in pairs if not _same(a, b)), (None, None, None))
+def _first_difference(saved: Any, wanted: Any, keys: str) -> tuple:
+    """(key, saved value, wanted value) of the first of the config class's `keys` that
+    differs; the model family first."""
+    if type(saved) is not type(wanted):
+        return "family", family_of(saved), family_of(wanted)
+    found = saved.differences(wanted, getattr(type(saved), keys))
+    return found[0] if found else (None, None, None)
 
 
 def resolve_pretrained(path: str | Path) -> Path:
@@ -297,35 +303,24 @@ def resolve_pretrained(path: str | Path) -> Path:
     return max(finished, key=lambda p: (p.parent.parent / "results.json").stat().st_mtime)
 
 
-def load_pretrained(path: str | Path, model: VisionTransformer) -> dict[str, Any]:
+def load_pretrained(path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Initialise `model` (built at dataset B's resolution and class count) from a pretrained
     vitexp checkpoint or a timm-format weight file, the paper's way: keep the body, drop the
     pre-logits layer unless the model has one, start a zero-initialised head, and resample
-    every position embedding to the new grid. Returns the checkpoint's metadata."""
+    every position embedding to the new grid. Returns the checkpoint's record."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return _load_timm(path, model)
     content = read_checkpoint(path, "pretrained")
     if "vitexp" not in content:
         return _load_timm(path, model)
-    meta = content["vitexp"]
-    saved_config = dict(meta["model_config"])
-    check_architecture(saved_config, model, path)
-    state = {
-        k.removeprefix("net."): v
-        for k, v in content.get("state_dict", {}).items()
-        if k.startswith("net.")
-    }
-    source = VisionTransformer(**saved_config)
-    try:
-        source.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"pretrained={path} is damaged: {_first_line(err)}") from None
+    source, meta = _model_from(content, path, "pretrained")
+    check_architecture(source.cfg, model, path)
     # the fine-tune's own resampling settings apply
     source.pos_embed_spec.interpolation = model.pos_embed_spec.interpolation
     source.pos_embed_spec.antialias = model.pos_embed_spec.antialias
     source.reset_classifier(
-        model.num_classes, keep_pre_logits=model.config["representation_size"] is not None
+        model.num_classes, keep_pre_logits=model.cfg.representation_size is not None
     )
     source.resize(model.img_size)
     result = model.load_state_dict(source.state_dict(), strict=False)
@@ -337,7 +332,7 @@ def load_pretrained(path: str | Path, model: VisionTransformer) -> dict[str, Any
     return meta
 
 
-def _load_timm(path: Path, model: VisionTransformer) -> dict[str, Any]:
+def _load_timm(path: Path, model: nn.Module) -> dict[str, Any]:
     try:
         load_timm_weights(model, path)
     except (ValueError, FileNotFoundError) as err:

@@ -1,4 +1,4 @@
-"""What every vitexp command shares: one-line errors and atomic file writes.
+"""What every vitexp command shares: one-line errors and exit codes, Hydra entry points.
 
 Hydra prints composition errors over several lines with a hint about HYDRA_FULL_ERROR;
 vitexp's commands print ONE line, `error: <what> ...`, and exit non-zero. With
@@ -12,35 +12,14 @@ import functools
 import os
 import re
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from vitexp.errors import VitexpError
+from vitexp.errors import is_user_error
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _squash(text: str) -> str:
@@ -52,7 +31,7 @@ def one_line(err: BaseException) -> str:
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    if isinstance(err, VitexpError):
+    if is_user_error(err):
         return _squash(str(err))
     if isinstance(err, MissingConfigException):
         match = re.search(r"Could not find '([^']+)'", str(err))
@@ -100,9 +79,7 @@ def wants_traceback() -> bool:
 def exit_with(err: BaseException) -> None:
     """Print the one-line error (after the traceback, if the user asked for it) and exit: the
     error's own code (2 for a user error, 3 for a divergence, ...), 1 for anything else."""
-    user_error = isinstance(err, VitexpError) or type(err).__module__.startswith(
-        ("hydra", "omegaconf")
-    )
+    user_error = is_user_error(err) or type(err).__module__.startswith(("hydra", "omegaconf"))
     full = wants_traceback()
     if full:
         traceback.print_exception(err, file=sys.stderr)
@@ -159,7 +136,7 @@ def hydra_command(config_name: str, schema: type, task: Callable[[Any], object])
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from vitexp.train import CONFIG_DIR
+    from vitexp.config import CONFIG_DIR
 
     ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
 

@@ -3,11 +3,12 @@
 Each dataclass is one Hydra group and maps to one place in the code:
 
     data/      DataConfig      -> vitexp.data.ImageDataModule
-    model/     ModelConfig     -> vitexp.models.VisionTransformer (model/pos_embed: PosEmbedSpec)
+    model/     ViTConfig       -> vitexp.models.VisionTransformer (model/pos_embed: PosEmbedSpec);
+                                  the choices are vitexp.models.factory.SIZES
     optim/     OptimConfig     -> vitexp.module.ViTModule.configure_optimizers
     schedule/  ScheduleConfig  -> vitexp.module.lr_lambda
-    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.train.build_trainer)
-    logger/    LoggerConfig    -> vitexp.train.build_logger
+    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.trainer.build_trainer)
+    logger/    LoggerConfig    -> vitexp.trainer.build_logger
 
 OmegaConf checks types and unknown keys while Hydra composes; `validate` checks values
 and combinations and raises `ConfigError` with one line naming the key, the value and
@@ -16,14 +17,18 @@ what is allowed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vitexp.errors import ConfigError, NotApplicableCell
-from vitexp.models.pos_embed import NotApplicableError, PosEmbedSpec
+from vitexp.errors import ConfigError
+from vitexp.models.factory import FAMILIES, SIZES
+from vitexp.models.pos_embed import NotApplicableCell
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 STAGES = ("pretrain", "finetune")
 SOURCES = ("digits", "shapes", "torchvision", "imagefolder", "hf")
@@ -85,44 +90,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Arguments of VisionTransformer, spelled out in each model/*.yaml."""
-
-    name: str = "vit_b16"
-    img_size: Any = 224  # int or [height, width]
-    patch_size: int = 16
-    patch_stride: int | None = None  # < patch_size: overlapping patches
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    pool: str = "cls"
-    class_token: bool | None = None
-    fc_norm: bool = False
-    representation_size: int | None = None
-    pos_embed: PosEmbedSpec = field(default_factory=PosEmbedSpec)
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    stem: str = "patch"
-    norm_eps: float = 1e-6
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory
-    # the input normalisation the model expects (the paper's code: [-1, 1])
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-
-    def model_kwargs(self) -> dict[str, Any]:
-        """The VisionTransformer arguments (everything but name and normalisation)."""
-        skip = {"name", "mean", "std"}
-        kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
-        kwargs["img_size"] = img_size_tuple(self.img_size)
-        kwargs["pos_embed"] = PosEmbedSpec(**vars(self.pos_embed))
-        return kwargs
-
-
-@dataclass
 class OptimConfig:
     name: str = "adamw"  # adam | adamw (decoupled decay, = the paper's "Adam + weight decay") | sgd
     lr: float = 1e-3
@@ -149,7 +116,8 @@ class LossConfig:
 
 @dataclass
 class TrainerConfig:
-    """lightning.Trainer arguments plus vitexp's speed switches."""
+    """lightning.Trainer's arguments, passed to it by name (`lightning_args`), then
+    vitexp's own switches (`VITEXP_SWITCHES`), which are not Trainer arguments."""
 
     accelerator: str = "auto"
     devices: Any = 1
@@ -163,16 +131,33 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = 1.0  # global norm, as in the paper
     deterministic: bool = False
-    compile: bool | None = False  # torch.compile the model; null: on a CUDA GPU only
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     limit_test_batches: Any = None
+    # --- vitexp's switches
+    compile: bool | None = False  # torch.compile the model; null: on a CUDA GPU only
     checkpoint_every_n_steps: int | None = None  # also save last.ckpt every n steps
     progress_bar: bool = True  # rich progress bar
-    ddp_timeout_s: int = 1800
+    ddp_timeout_s: int = 1800  # DDP/FSDP collectives; also the deadline after SIGTERM
     # strategy=fsdp: `full` writes last.ckpt as one file (rank 0 gathers the weights), `sharded`
     # as a directory of per-rank shards (no gather: for models too large for one host's RAM)
     fsdp_state_dict: str = "full"
+
+    VITEXP_SWITCHES = (
+        "compile",
+        "checkpoint_every_n_steps",
+        "progress_bar",
+        "ddp_timeout_s",
+        "fsdp_state_dict",
+    )
+
+    def lightning_args(self) -> dict[str, Any]:
+        """The fields that are lightning.Trainer arguments, as given."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in self.VITEXP_SWITCHES
+        }
 
 
 @dataclass
@@ -208,7 +193,7 @@ class TrainConfig:
     output_root: str = "outputs"
     figures: bool = True  # pretraining: the paper's four figures at the end (vitexp.visualize)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = MISSING  # a model family's config (ViTConfig); typed by the model= choice
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -217,26 +202,26 @@ class TrainConfig:
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
 
+MODEL_SCHEMA = "model_schema"  # group of the family schemas, one per model family
+
+
 def register_configs() -> None:
-    """Make the schema available to configs/train.yaml's defaults list."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """The schema of configs/train.yaml's defaults list, and one `model=` choice per entry
+    of the sizes table: the family's schema (types, allowed keys), then the default
+    position embedding (the `model/pos_embed` group), then the size's own fields."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for family, spec in FAMILIES.items():
+        store.store(group=MODEL_SCHEMA, name=family, node=spec.config)
+    for name, (family, size) in SIZES.items():
+        defaults = [f"/{MODEL_SCHEMA}/{family}@_here_"]
+        if "pos_embed" in {f.name for f in fields(FAMILIES[family].config)}:
+            defaults.append({"pos_embed": "learned_1d"})
+        node = {"defaults": [*defaults, "_self_"], "name": name, **size}
+        store.store(group="model", name=name, node=node)
 
 
 # --- validation --------------------------------------------------------------------------
-def img_size_tuple(value: Any) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if OmegaConf.is_list(value):
-        value = list(value)
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, int) for v in value)
-    ):
-        return (int(value[0]), int(value[1]))
-    raise ConfigError(f"model.img_size={value!r}: use an int or [height, width]")
-
-
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -264,13 +249,23 @@ def to_object(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(
             f"{missing[0]} is not set (???); give it on the command line, e.g. {missing[0]}=..."
         )
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    typed.model = OmegaConf.merge(OmegaConf.structured(_model_schema(cfg)), plain["model"])
     try:
-        return OmegaConf.to_object(merged)
-    except NotApplicableError as err:
-        raise NotApplicableCell(f"model.{err}") from None
-    except ValueError as err:  # PosEmbedSpec checks its own fields (kind, placement)
+        return OmegaConf.to_object(typed)
+    except NotApplicableCell as err:
+        err.args = (f"model.{err}",)  # the model names its own fields; here they are model.*
+        raise
+    except ValueError as err:  # a model config checks its own fields (ValueError names one)
         raise ConfigError(f"model.{err}") from None
+
+
+def _model_schema(cfg: DictConfig) -> type:
+    """The family dataclass of the composed `model` node (the `model=` choice typed it);
+    a plain mapping (a config.yaml read back) is a ViT's."""
+    schema = OmegaConf.get_type(cfg.model) if OmegaConf.is_config(cfg.model) else None
+    families = {f.config for f in FAMILIES.values()}
+    return schema if schema in families else FAMILIES["vit"].config
 
 
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
@@ -353,28 +348,17 @@ def _validate_data(d: DataConfig, key: str = "data") -> None:
         raise ConfigError(f"{key}.augment.crop_pct={a.crop_pct} must be in (0, 1]")
 
 
-def _validate_model(m: ModelConfig) -> None:
-    """Build the model on the meta device: every architecture check runs, nothing is
-    allocated (a ViT-H builds in milliseconds)."""
+def _validate_model(m: Any) -> None:
+    """Build the model on the meta device: the checks that need its layers (patches tiling
+    the image, widths a position embedding needs) run, nothing is allocated (a ViT-H
+    builds in milliseconds). The config checked its own fields when it was made."""
     import torch
 
-    from vitexp.models import VisionTransformer
+    from vitexp.models import build_model
 
-    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        _fraction(f"model.{key}", getattr(m, key))
-    # 0 would read as "unset" in code that tests truthiness: refuse it where it means nothing
-    stride = m.patch_stride
-    if stride is not None and (stride if isinstance(stride, int) else min(stride)) < 1:
-        raise ConfigError(
-            f"model.patch_stride={stride} must be >= 1; null means patch_size (no overlap)"
-        )
-    for key in ("in_chans", "num_heads", "mlp_ratio", "representation_size", "norm_eps"):
-        _positive(f"model.{key}", getattr(m, key))
-    if len(m.mean) != m.in_chans or len(m.std) != m.in_chans:
-        raise ConfigError(f"model.mean/std need {m.in_chans} values (model.in_chans)")
     try:
         with torch.device("meta"):
-            VisionTransformer(num_classes=2, **m.model_kwargs())
+            build_model(m, num_classes=2)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
 

@@ -2,6 +2,10 @@
 
 `vitexp.train` (and the other entry points) print them as `error: <message>` and exit
 non-zero without a traceback; HYDRA_FULL_ERROR=1 shows the traceback.
+
+An error from outside this module counts as the user's when it has an `exit_code` too:
+`vitexp.models.NotApplicableCell` (a paper N/A cell), which the models package defines
+itself so that it imports nothing of vitexp.
 """
 
 
@@ -13,10 +17,6 @@ class VitexpError(Exception):
 
 class ConfigError(VitexpError):
     """A config value that is wrong, or a combination that cannot work."""
-
-
-class NotApplicableCell(ConfigError):
-    """A position-embedding cell the paper marks N/A; a sweep records it instead of failing."""
 
 
 class DataError(VitexpError):
@@ -42,3 +42,8 @@ class Interrupted(VitexpError):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code  # 130 = 128 + SIGINT for Ctrl-C
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A problem the user can fix: printed as one line, exit with its own code."""
+    return isinstance(err, VitexpError) or isinstance(getattr(err, "exit_code", None), int)

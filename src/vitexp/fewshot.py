@@ -187,30 +187,17 @@ class FewshotCommandConfig:
 
 def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
     """Few-shot accuracy of a checkpoint's model on `c.data`; writes fewshot.json."""
-    from vitexp.checkpoint import read_checkpoint
-    from vitexp.cli import write_atomic
-    from vitexp.errors import CheckpointError, ConfigError
+    from vitexp.checkpoint import read_model
+    from vitexp.errors import ConfigError
+    from vitexp.files import write_atomic
 
     if not c.pretrained:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
     settings = FewshotConfig(**{**vars(c.fewshot), "data": c.data})
     validate_fewshot(settings, key="data", report=False)
-    content = read_checkpoint(c.pretrained, "pretrained")
-    if "vitexp" not in content:
-        raise CheckpointError(
-            f"pretrained={c.pretrained} is not a vitexp checkpoint (no model record)"
-        )
-    meta = content["vitexp"]
-    model = VisionTransformer(**meta["model_config"])
-    model.load_state_dict(
-        {
-            k.removeprefix("net."): v
-            for k, v in content["state_dict"].items()
-            if k.startswith("net.")
-        }
-    )
-    mean, std = meta.get("mean", [0.5] * 3), meta.get("std", [0.5] * 3)
-    scores = FewShotEvaluator(settings, model.img_size, mean, std).evaluate(model)
+    model = read_model(c.pretrained, "pretrained")[0]
+    evaluator = FewShotEvaluator(settings, model.img_size, model.cfg.mean, model.cfg.std)
+    scores = evaluator.evaluate(model)
     out = Path(c.out) if c.out else Path(c.pretrained).parent / "fewshot.json"
     report = {
         "pretrained": str(c.pretrained),

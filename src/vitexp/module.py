@@ -19,8 +19,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
 from vitexp.errors import ConfigError, Diverged
 from vitexp.models import VisionTransformer
+from vitexp.models.factory import model_record
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the model's family, config and class count (models.factory)
 NO_SCHEDULE_END = (
     "trainer.max_steps is not set and the data has no length (streaming): "
     "set trainer.max_steps to give the schedule its end"
@@ -233,18 +234,11 @@ class ViTModule(L.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record how to rebuild the network (grid, prefix tokens, position embedding) and
+        """Record how to rebuild the network (`vitexp.checkpoint.read_model` reads it) and
         the RNG state, so that a resumed run draws the same dropout masks. A diverged state
         is never saved."""
         self.raise_if_diverged()
-        net = self.net
-        checkpoint["vitexp"] = {
-            "format": CHECKPOINT_FORMAT,
-            "model_config": dict(net.config),
-            "grid_size": tuple(net.grid_size),
-            "num_prefix_tokens": net.num_prefix_tokens,
-            **self.meta,
-        }
+        checkpoint["vitexp"] = {"format": CHECKPOINT_FORMAT, **model_record(self.net), **self.meta}
         checkpoint["rng"] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vitexp.cli import run_cli, write_atomic
+from vitexp.cli import run_cli
 from vitexp.errors import ConfigError
+from vitexp.files import write_atomic
 from vitexp.models.pos_embed import STEM_ONLY_KINDS
 
 if TYPE_CHECKING:

@@ -30,8 +30,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from vitexp.cli import write_atomic
-from vitexp.errors import CheckpointError, ConfigError
+from vitexp.errors import ConfigError
+from vitexp.files import write_atomic
 from vitexp.models import VisionTransformer
 from vitexp.models.pos_embed import describe
 from vitexp.viz import plots
@@ -193,11 +193,11 @@ def make_figures(
     finally:
         model.train(was_training)
     boxes = token_boxes(model)
-    c = model.config
+    c = model.cfg
     report: dict[str, Any] = {
         "model": {
             "pos_embed": describe(model.pos_embed_spec),
-            **{k: c[k] for k in ("pool", "stem", "depth", "num_heads", "embed_dim")},
+            **{k: getattr(c, k) for k in ("pool", "stem", "depth", "num_heads", "embed_dim")},
             "img_size": list(model.img_size),
             "grid_size": list(model.grid_size),
             "num_prefix_tokens": model.num_prefix_tokens,
@@ -270,7 +270,7 @@ class FiguresCallback(L.Callback):
         try:
             net = pl_module.net
             images, names = load_images(
-                self.images, net.img_size, net.config["in_chans"], self.max_images
+                self.images, net.img_size, net.cfg.in_chans, self.max_images
             )
             pngs, report = make_figures(net, images, names, self.mean, self.std, self.layer)
             report = {"step": trainer.global_step, **report}
@@ -290,28 +290,6 @@ class VisualizeCommandConfig:
     max_images: int = 8  # the first images of `images` (by name)
 
 
-def load_model(path: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
-    """The VisionTransformer of a vitexp checkpoint (eval mode, CPU) and its metadata."""
-    from vitexp.checkpoint import read_checkpoint
-
-    content = read_checkpoint(path, "pretrained")
-    meta = content.get("vitexp")
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise CheckpointError(f"pretrained={path} is not a vitexp checkpoint (no model record)")
-    state = {
-        k.removeprefix("net."): v
-        for k, v in content.get("state_dict", {}).items()
-        if k.startswith("net.")
-    }
-    try:
-        model = VisionTransformer(**meta["model_config"])
-        model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"pretrained={path} is damaged: {reason}") from None
-    return model.eval(), meta
-
-
 def default_out(pretrained: Path) -> Path:
     """`figures/` in the run directory: beside `checkpoints/`, else beside the file."""
     parent = pretrained.parent
@@ -324,11 +302,12 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
     if c.max_images < 1:
         raise ConfigError(f"max_images={c.max_images} must be >= 1")
-    model, meta = load_model(c.pretrained)
+    from vitexp.checkpoint import read_model
+
+    model = read_model(c.pretrained, "pretrained")[0]
     resolve_layer(c.layer, len(model.encoder.blocks))  # fail before reading any image
-    images, names = load_images(c.images, model.img_size, model.config["in_chans"], c.max_images)
-    mean, std = meta.get("mean", [0.5] * 3), meta.get("std", [0.5] * 3)
-    pngs, report = make_figures(model, images, names, mean, std, c.layer)
+    images, names = load_images(c.images, model.img_size, model.cfg.in_chans, c.max_images)
+    pngs, report = make_figures(model, images, names, model.cfg.mean, model.cfg.std, c.layer)
     report = {"pretrained": str(c.pretrained), **report}
     out = Path(c.out) if c.out else default_out(Path(c.pretrained))
     try:

@@ -1,7 +1,20 @@
-"""The Vision Transformer, its position embeddings, hybrid stem and weight import."""
+"""The Vision Transformer, its position embeddings, hybrid stem and weight import.
 
-from vitexp.models.factory import VARIANTS, create_model
-from vitexp.models.pos_embed import PosEmbedSpec
-from vitexp.models.vit import VisionTransformer
+Plain PyTorch: nothing here imports Lightning, Hydra or the rest of vitexp, so the folder
+can be copied into other code as it is.
+"""
 
-__all__ = ["VARIANTS", "PosEmbedSpec", "VisionTransformer", "create_model"]
+from vitexp.models.factory import SIZES, build_model, create_model, model_config
+from vitexp.models.pos_embed import NotApplicableCell, PosEmbedSpec
+from vitexp.models.vit import VisionTransformer, ViTConfig
+
+__all__ = [
+    "SIZES",
+    "NotApplicableCell",
+    "PosEmbedSpec",
+    "ViTConfig",
+    "VisionTransformer",
+    "build_model",
+    "create_model",
+    "model_config",
+]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vitexp.models.pos_embed import resample_grid, square_grid
-from vitexp.models.vit import VisionTransformer
+from vitexp.models.vit import VisionTransformer, ViTConfig
 
 # timm options whose computation vitexp's ViT does not have (name -> value meaning "off").
 _UNSUPPORTED = {
@@ -70,8 +70,8 @@ def _has(module: nn.Module, path: str) -> bool:
         return False
 
 
-def config_from_timm(timm_model: nn.Module) -> dict:
-    """VisionTransformer kwargs that compute what the timm model computes."""
+def config_from_timm(timm_model: nn.Module) -> ViTConfig:
+    """The ViTConfig that computes what the timm model computes (its head: `num_classes`)."""
     _check_supported(timm_model)
     block = timm_model.blocks[0]
     embed = timm_model.patch_embed
@@ -79,12 +79,12 @@ def config_from_timm(timm_model: nn.Module) -> dict:
     representation_size = None
     if pre_logits is not None and isinstance(getattr(pre_logits, "fc", None), nn.Linear):
         representation_size = pre_logits.fc.out_features
-    return dict(
+    return ViTConfig(
+        name=(getattr(timm_model, "pretrained_cfg", None) or {}).get("architecture", "timm"),
         img_size=tuple(embed.img_size),
         patch_size=tuple(embed.patch_size),
         patch_stride=tuple(embed.proj.stride),
         in_chans=embed.proj.in_channels,
-        num_classes=timm_model.num_classes,
         embed_dim=timm_model.embed_dim,
         depth=len(timm_model.blocks),
         num_heads=block.attn.num_heads,
@@ -147,7 +147,7 @@ def convert_timm_state_dict(
 
 def from_timm(timm_model: nn.Module) -> VisionTransformer:
     """A vitexp model with the same weights and the same logits as a timm ViT."""
-    model = VisionTransformer(**config_from_timm(timm_model))
+    model = VisionTransformer(config_from_timm(timm_model), num_classes=timm_model.num_classes)
     state = convert_timm_state_dict(
         timm_model.state_dict(),
         model,

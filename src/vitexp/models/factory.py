@@ -1,28 +1,91 @@
-"""Model sizes by name: the paper's Table 1 (B, L, H) plus Ti and S (DeiT; Steiner et al.)."""
+"""Named model sizes, and building a model from a name or from a checkpoint's record.
+
+`SIZES` is the one table of sizes: `create_model(name)` builds from it, and every entry
+is a `model=` choice of `vitexp.train` (registered by `vitexp.config`). A new size is one
+line here. A model family (the ViT; a CNN baseline later) is a config dataclass and the
+module built from it, listed in `FAMILIES`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from vitexp.models.vit import VisionTransformer
+from torch import nn
 
-# width D, layers L, heads, MLP size = mlp_ratio * D, patch size
-VARIANTS: dict[str, dict[str, Any]] = {
-    "vit_ti16": dict(embed_dim=192, depth=12, num_heads=3, patch_size=16),
-    "vit_s16": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16),
-    "vit_b16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
-    "vit_b32": dict(embed_dim=768, depth=12, num_heads=12, patch_size=32),
-    "vit_l16": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
-    "vit_h14": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
-    # ViT-B on the ResNet-50 feature map (stride 16) with 1x1 patches: R50+ViT-B/16.
-    "hybrid_r50_b16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=1, stem="r50"),
-    # For tests and the embedded quickstart: 32 px images, 4 px patches, 64 tokens.
-    "vit_tiny_debug": dict(embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32),
+from vitexp.models.vit import VisionTransformer, ViTConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    config: type  # the dataclass that defines a model of the family (the `model` node)
+    model: type  # nn.Module built as model(config, num_classes)
+
+
+FAMILIES: dict[str, Family] = {"vit": Family(ViTConfig, VisionTransformer)}
+
+
+def vit(width: int, depth: int, heads: int, patch: int, **fields: Any) -> tuple[str, dict]:
+    """A ViT size as the paper's Table 1 gives it (MLP size: 4 x width)."""
+    return "vit", dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, **fields)
+
+
+# name: (family, the fields that differ from the family's defaults)
+SIZES: dict[str, tuple[str, dict[str, Any]]] = {
+    # the paper's Table 1 (B, L, H), and Ti and S (DeiT; Steiner et al. 2021)
+    "vit_ti16": vit(192, 12, 3, 16),
+    "vit_s16": vit(384, 12, 6, 16),
+    "vit_b16": vit(768, 12, 12, 16),
+    "vit_b32": vit(768, 12, 12, 32),
+    "vit_l16": vit(1024, 24, 16, 16),
+    "vit_h14": vit(1280, 32, 16, 14),
+    # R50+ViT-B/16 (paper 3.1): ViT-B on the ResNet-50 feature map (stride 16), 1x1 patches
+    "hybrid_r50_b16": vit(768, 12, 12, 1, stem="r50"),
+    # tests and the embedded quickstart: 32 px images, 4 px patches (64 tokens), D=64
+    "vit_tiny_debug": vit(64, 4, 4, 4, img_size=32),
 }
 
 
-def create_model(name: str, **overrides: Any) -> VisionTransformer:
+def model_config(name: str, **overrides: Any) -> Any:
+    """The config of a named size, e.g. `model_config("vit_b16", img_size=384)`."""
+    if name not in SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIZES)}")
+    family, fields = SIZES[name]
+    return FAMILIES[family].config(name=name, **{**fields, **overrides})
+
+
+def family_of(cfg: Any) -> str:
+    """The family name of a config (its dataclass)."""
+    return next(name for name, f in FAMILIES.items() if isinstance(cfg, f.config))
+
+
+def build_model(cfg: Any, num_classes: int) -> nn.Module:
+    """The model of a config (of any family), freshly initialised."""
+    return FAMILIES[family_of(cfg)].model(cfg, num_classes=num_classes)
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
     """`create_model("vit_b16", img_size=384, num_classes=10, pos_embed="learned_2d")`."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
-    return VisionTransformer(**{**VARIANTS[name], **overrides})
+    return build_model(model_config(name, **overrides), num_classes)
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps to rebuild `model`: plain data only (weights_only loads)."""
+    return {
+        "model_family": family_of(model.cfg),
+        "model_config": asdict(model.cfg),
+        "num_classes": model.num_classes,
+    }
+
+
+def config_from_record(record: dict[str, Any]) -> tuple[Any, int]:
+    """(config, num_classes) of a checkpoint's record. Records of checkpoint format 1 (no family,
+    num_classes inside the config, mean/std beside it) read the same."""
+    fields = dict(record["model_config"])
+    num_classes = record.get("num_classes", fields.pop("num_classes", None))
+    fields.pop("num_classes", None)
+    family = FAMILIES[record.get("model_family", "vit")]
+    cfg = family.config(**fields)
+    if "mean" not in fields and "mean" in record:  # old records kept them beside the config
+        cfg = replace(cfg, mean=list(record["mean"]), std=list(record["std"]))
+    return cfg, int(num_classes)

@@ -21,7 +21,7 @@ def to_2tuple(value: int | Sequence[int], name: str) -> Size2d:
         return (value, value)
     if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name}={value!r} must be an int or a pair of ints (height, width)")
+    raise ValueError(f"{name}={value!r}: use an int or [height, width]")
 
 
 def patch_grid(img_size: Size2d, patch_size: Size2d, stride: Size2d) -> Size2d:

@@ -37,8 +37,11 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 ABSOLUTE_KINDS = ("learned_1d", "learned_2d", "sincos_2d")
 
 
-class NotApplicableError(ValueError):
-    """A Table-8 cell the paper marks N/A (none or relative at an every-layer placement)."""
+class NotApplicableCell(ValueError):
+    """A Table-8 cell the paper marks N/A (none or relative at an every-layer placement):
+    the one exception for it, which a sweep records as N/A instead of a failure."""
+
+    exit_code = 2  # a user's choice, like any config error
 
 
 @dataclass
@@ -60,7 +63,7 @@ class PosEmbedSpec:
                 f"pos_embed.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}"
             )
         if self.kind in STEM_ONLY_KINDS and self.placement != "stem":
-            raise NotApplicableError(
+            raise NotApplicableCell(
                 f"pos_embed.kind={self.kind} with placement={self.placement} is an N/A cell of "
                 f"the paper's Table 8: {self.kind} exists only at placement=stem"
             )
@@ -313,18 +316,51 @@ class RelativePositionBias(nn.Module):
         self.index = self._build_index().to(self.index.device)
 
 
-def num_tables(placement: str, depth: int) -> int:
-    """How many absolute tables a placement holds."""
-    return depth if placement == "every_layer" else 1
+class PositionEmbedding(nn.ModuleList):
+    """What each layer adds for position (Table 8's columns): the absolute tables of the
+    placement, and `forward(x, layer)` adding the right one at the input of block `layer`.
 
+    - stem: one table, added before block 0;
+    - every_layer: one table per block, each added at its own block's input;
+    - every_layer_shared: one table, added at every block's input.
 
-def table_for_layer(placement: str, layer: int) -> int | None:
-    """Which table is added at the input of block `layer` (None: nothing is added)."""
-    if placement == "every_layer":
-        return layer
-    if placement == "every_layer_shared":
-        return 0
-    return 0 if layer == 0 else None
+    `none` holds no table and `relative` none either: relative positions act inside each
+    block's attention (`relative_bias` builds that block's `RelativePositionBias`).
+    """
+
+    def __init__(
+        self, spec: PosEmbedSpec, grid_size: Size2d, num_prefix_tokens: int, dim: int, depth: int
+    ):
+        super().__init__()
+        self.spec = spec
+        if spec.kind in ABSOLUTE_KINDS:
+            tables = depth if spec.placement == "every_layer" else 1
+            for _ in range(tables):
+                self.append(build_absolute_pos_embed(spec.kind, grid_size, num_prefix_tokens, dim))
+
+    def table_for_layer(self, layer: int) -> int | None:
+        """Index of the table added at the input of block `layer` (None: nothing)."""
+        if not len(self):
+            return None
+        if self.spec.placement == "every_layer":
+            return layer
+        return 0 if self.spec.placement == "every_layer_shared" or layer == 0 else None
+
+    def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        index = self.table_for_layer(layer)
+        return x if index is None else self[index](x)
+
+    def relative_bias(
+        self, grid_size: Size2d, num_prefix_tokens: int, head_dim: int
+    ) -> RelativePositionBias | None:
+        """A block's own relative-attention table (kind=relative), else None."""
+        if self.spec.kind != "relative":
+            return None
+        return RelativePositionBias(grid_size, num_prefix_tokens, head_dim)
+
+    def resize(self, grid_size: Size2d) -> None:
+        for table in self:
+            table.resize(grid_size, self.spec.interpolation, self.spec.antialias)
 
 
 def describe(spec: PosEmbedSpec) -> str:

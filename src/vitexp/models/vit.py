@@ -12,7 +12,7 @@ token or global average pooling, an optional pre-logits layer and a hybrid CNN s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,12 +21,128 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from vitexp.models import pos_embed as pe
 from vitexp.models.patch_embed import PatchEmbed, Size2d, to_2tuple
-from vitexp.models.pos_embed import PosEmbedSpec, RelativePositionBias
+from vitexp.models.pos_embed import PosEmbedSpec, PositionEmbedding, RelativePositionBias
 
 POOLS = ("cls", "gap")
 STEMS = ("patch", "r50")
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a ViT: the `model` config node (`configs/model/` choices
+    come from `vitexp.models.factory.SIZES`), saved with every checkpoint and compared
+    when one is loaded. Checked on construction; `ValueError` names the field.
+
+    img_size: input resolution, int or (height, width).
+    patch_size / patch_stride: patch side and stride (stride < size: overlapping patches;
+        null: the patch size). For the hybrid stem they apply to the CNN feature map.
+    embed_dim, depth, num_heads, mlp_ratio: the Transformer's width D, layers L, heads and
+        MLP size / D (paper Table 1).
+    pool: `cls` (class token, the paper) or `gap` (global average pooling of the patches).
+    class_token: prepend a class token; null: pool == cls.
+    fc_norm: with gap, normalise after pooling instead of before (timm's GAP models).
+    representation_size: width of the tanh pre-logits layer of pretraining; null: none.
+    pos_embed: how positions are encoded (Table 8), see `pos_embed.py`.
+    stem: `patch` (pixels) or `r50` (hybrid: a ResNet-50 feature map at stride 16).
+    grad_checkpointing: recompute each block's activations in the backward pass (training
+        only; same results, less memory, ~1/3 more compute). Not architecture: the weights
+        are the same with or without it.
+    mean, std: the input normalisation the model expects (the paper's code: [-1, 1]).
+    """
+
+    name: str = "vit"  # the size it was made from (vitexp.models.factory.SIZES), for records
+    img_size: Any = 224
+    patch_size: int = 16
+    patch_stride: int | None = None
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pool: str = "cls"
+    class_token: bool | None = None
+    fc_norm: bool = False
+    representation_size: int | None = None
+    pos_embed: PosEmbedSpec = field(default_factory=PosEmbedSpec)
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    stem: str = "patch"
+    norm_eps: float = 1e-6
+    grad_checkpointing: bool = False
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    # what must agree between a pretrained checkpoint and the model fine-tuned from it
+    # (resolution and head may differ: fine-tuning changes them)
+    ARCHITECTURE = (
+        "patch_size",
+        "patch_stride",
+        "in_chans",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "pool",
+        "class_token",
+        "fc_norm",
+        "stem",
+        "pos_embed.kind",
+        "pos_embed.placement",
+    )
+    # ... and what a resumed run must also keep
+    RESUME = (*ARCHITECTURE, "img_size", "representation_size")
+
+    def __post_init__(self) -> None:
+        self.img_size = to_2tuple(self.img_size, "img_size")
+        self.pos_embed = PosEmbedSpec.parse(self.pos_embed)
+        self.class_token = self.pool == "cls" if self.class_token is None else self.class_token
+        _one_of("pool", self.pool, POOLS)
+        _one_of("stem", self.stem, STEMS)
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool=cls needs class_token=true (or use pool=gap)")
+        if self.fc_norm and self.pool != "gap":
+            raise ValueError("fc_norm=true applies to pool=gap only")
+        stride = self.patch_stride
+        if stride is not None and min(to_2tuple(stride, "patch_stride")) < 1:
+            raise ValueError(f"patch_stride={stride} must be >= 1; null means patch_size")
+        for key in ("in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be > 0")
+        if self.representation_size is not None and self.representation_size <= 0:
+            raise ValueError(f"representation_size={self.representation_size} must be > 0")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be in [0.0, 1.0)")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values (in_chans)")
+
+    def differences(self, other: ViTConfig, keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
+        """(key, self's value, other's value) for each of `keys` (dotted) that differs."""
+        out = []
+        for key in keys:
+            a, b = self, other
+            for part in key.split("."):
+                a, b = getattr(a, part), getattr(b, part)
+            if _as_tuple(a) != _as_tuple(b):
+                out.append((key, a, b))
+        return out
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
 class Attention(nn.Module):
@@ -42,8 +158,6 @@ class Attention(nn.Module):
         rel_pos: RelativePositionBias | None = None,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -146,195 +260,84 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The stack of blocks, adding absolute position embeddings where the placement says."""
+    """The stack of blocks; position information enters where `pos_embed` says."""
 
-    def __init__(
-        self,
-        depth: int,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        drop_rate: float,
-        attn_drop_rate: float,
-        drop_path_rate: float,
-        pos_embed: PosEmbedSpec,
-        grid_size: Size2d,
-        num_prefix_tokens: int,
-        norm_eps: float,
-        final_norm: bool,
-        grad_checkpointing: bool = False,
-    ):
+    def __init__(self, cfg: ViTConfig, grid_size: Size2d, num_prefix_tokens: int):
         super().__init__()
-        self.placement = pos_embed.placement
-        self.pos_embeds = nn.ModuleList()
-        if pos_embed.kind in pe.ABSOLUTE_KINDS:
-            for _ in range(pe.num_tables(pos_embed.placement, depth)):
-                table = pe.build_absolute_pos_embed(
-                    pos_embed.kind, grid_size, num_prefix_tokens, dim
-                )
-                self.pos_embeds.append(table)
-        self.pos_drop = nn.Dropout(drop_rate)  # the paper: dropout right after adding E_pos
+        dim, depth = cfg.embed_dim, cfg.depth
+        self.pos_embeds = PositionEmbedding(cfg.pos_embed, grid_size, num_prefix_tokens, dim, depth)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)  # the paper: dropout right after adding E_pos
         # stochastic depth grows linearly with depth, 0 at the first block
-        drop_paths = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        drop_paths = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 dim,
-                num_heads,
-                mlp_ratio,
-                qkv_bias,
-                drop_rate,
-                attn_drop_rate,
-                drop_paths[i],
-                RelativePositionBias(grid_size, num_prefix_tokens, dim // num_heads)
-                if pos_embed.kind == "relative"
-                else None,
-                norm_eps,
-                grad_checkpointing,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+                drop_path=drop_path,
+                rel_pos=self.pos_embeds.relative_bias(
+                    grid_size, num_prefix_tokens, dim // cfg.num_heads
+                ),
+                norm_eps=cfg.norm_eps,
+                grad_checkpointing=cfg.grad_checkpointing,
             )
-            for i in range(depth)
+            for drop_path in drop_paths
         )
-        self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
-
-    def add_position(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        index = pe.table_for_layer(self.placement, layer) if self.pos_embeds else None
-        if index is not None:
-            x = self.pos_embeds[index](x)
-        return self.pos_drop(x) if layer == 0 else x
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if not cfg.fc_norm else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False, keep: int | None = None
+        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encode the tokens; with `keep`, the last block computes the outputs of the first
-        `keep` tokens only (their keys and values still come from every token)."""
+        """Encode the tokens; with `num_queries`, the last block computes the outputs of the
+        first `num_queries` tokens only (their keys and values still come from every token)."""
         maps = []
         last = len(self.blocks) - 1
+        x = self.pos_drop(self.pos_embeds(x, 0))
         for i, block in enumerate(self.blocks):
-            x, attn = block(self.add_position(x, i), return_attention, keep if i == last else None)
+            if i > 0:
+                x = self.pos_embeds(x, i)
+            x, attn = block(x, return_attention, num_queries if i == last else None)
             if return_attention:
                 maps.append(attn)
         return self.norm(x), maps
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier. Config names follow DESIGN.md (`model.*` keys).
+    """ViT classifier: `VisionTransformer(ViTConfig(...), num_classes)`, or the config's
+    fields as keywords (`VisionTransformer(depth=6, num_classes=10)`).
 
-    Args:
-        img_size: input resolution, int or (height, width).
-        patch_size / patch_stride: patch side and stride (stride < size: overlapping).
-            For the hybrid stem they apply to the CNN feature map (the paper uses 1x1).
-        num_classes: head outputs; 0 for no head (features only).
-        embed_dim, depth, num_heads, mlp_ratio: the Transformer's width D, layers L,
-            heads and MLP size / D.
-        pool: `cls` (class token, the paper) or `gap` (global average pooling of patches).
-        class_token: prepend a class token; defaults to pool == "cls".
-        fc_norm: with `gap`, normalise after pooling instead of before (timm's GAP models).
-        representation_size: width of the tanh pre-logits layer used in pretraining; None
-            for none (fine-tuning drops it).
-        pos_embed: a `PosEmbedSpec`, a dict of its fields or a kind name.
-        stem: `patch` (pixels) or `r50` (hybrid: ResNet-50 feature map at stride 16).
-        grad_checkpointing: recompute each block's activations in the backward pass instead
-            of keeping them (training only; same results, less memory, ~1/3 more compute).
-            Not part of the architecture: the weights are the same with or without it.
+    `num_classes` is the head's outputs (0: no head, features only); it is not part of
+    `ViTConfig` because the data decides it, and fine-tuning replaces it
+    (`reset_classifier`). `self.cfg` always describes the model as it is now.
     """
 
-    def __init__(
-        self,
-        img_size: int | Sequence[int] = 224,
-        patch_size: int | Sequence[int] = 16,
-        patch_stride: int | Sequence[int] | None = None,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        pool: str = "cls",
-        class_token: bool | None = None,
-        fc_norm: bool = False,
-        representation_size: int | None = None,
-        pos_embed: PosEmbedSpec | dict | str = "learned_1d",
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        stem: str = "patch",
-        norm_eps: float = 1e-6,
-        grad_checkpointing: bool = False,
-    ):
+    def __init__(self, cfg: ViTConfig | None = None, num_classes: int = 1000, **overrides: Any):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"pool={pool!r} is not one of {', '.join(POOLS)}")
-        class_token = pool == "cls" if class_token is None else class_token
-        if pool == "cls" and not class_token:
-            raise ValueError("pool=cls needs class_token=true (or use pool=gap)")
-        if fc_norm and pool != "gap":
-            raise ValueError("fc_norm=true applies to pool=gap only")
-        if stem not in STEMS:
-            raise ValueError(f"stem={stem!r} is not one of {', '.join(STEMS)}")
-        if depth < 1 or embed_dim < 1:
-            raise ValueError(f"depth={depth} and embed_dim={embed_dim} must be >= 1")
-        self.pos_embed_spec = PosEmbedSpec.parse(pos_embed)
-        self.config: dict[str, Any] = dict(
-            img_size=to_2tuple(img_size, "img_size"),
-            patch_size=patch_size,
-            patch_stride=patch_stride,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            pool=pool,
-            class_token=class_token,
-            fc_norm=fc_norm,
-            representation_size=representation_size,
-            pos_embed=asdict(self.pos_embed_spec),
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            stem=stem,
-            norm_eps=norm_eps,
-            grad_checkpointing=grad_checkpointing,
-        )
-        self.pool = pool
+        if cfg is None:
+            cfg = ViTConfig(**overrides)
+        elif overrides:
+            cfg = replace(cfg, **overrides)
+        self.cfg = cfg
         self.num_classes = num_classes
-        self.embed_dim = embed_dim
-        self.num_prefix_tokens = int(class_token)
-
-        if stem == "r50":
+        self.num_prefix_tokens = int(cfg.class_token)
+        dim = cfg.embed_dim
+        if cfg.stem == "r50":
             from vitexp.models.hybrid import HybridEmbed
 
-            self.patch_embed = HybridEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim)
+            embed = HybridEmbed
         else:
-            self.patch_embed = PatchEmbed(img_size, patch_size, patch_stride, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.encoder = Encoder(
-            depth,
-            embed_dim,
-            num_heads,
-            mlp_ratio,
-            qkv_bias,
-            drop_rate,
-            attn_drop_rate,
-            drop_path_rate,
-            self.pos_embed_spec,
-            self.patch_embed.grid_size,
-            self.num_prefix_tokens,
-            norm_eps,
-            final_norm=not fc_norm,
-            grad_checkpointing=grad_checkpointing,
-        )
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else nn.Identity()
-        self.pre_logits = (
-            nn.Sequential(nn.Linear(embed_dim, representation_size), nn.Tanh())
-            if representation_size
-            else nn.Identity()
-        )
-        head_in = representation_size or embed_dim
-        self.head = nn.Linear(head_in, num_classes) if num_classes else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
+            embed = PatchEmbed
+        self.patch_embed = embed(cfg.img_size, cfg.patch_size, cfg.patch_stride, cfg.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
+        self.encoder = Encoder(cfg, self.patch_embed.grid_size, self.num_prefix_tokens)
+        self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
+        rep = cfg.representation_size
+        self.pre_logits = nn.Sequential(nn.Linear(dim, rep), nn.Tanh()) if rep else nn.Identity()
+        self.head = nn.Linear(rep or dim, num_classes) if num_classes else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
         self._init_weights()
 
     # --- construction helpers -------------------------------------------------------------
@@ -354,6 +357,18 @@ class VisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+
+    @property
+    def pos_embed_spec(self) -> PosEmbedSpec:
+        return self.cfg.pos_embed
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def pool(self) -> str:
+        return self.cfg.pool
 
     @property
     def grid_size(self) -> Size2d:
@@ -390,8 +405,8 @@ class VisionTransformer(nn.Module):
         """Logits. With the class token, only its output reaches the head, so the last block
         computes its query, attention output and MLP for the class token alone: the same
         logits as `forward_head(forward_features(x))` for about 1/depth less compute."""
-        keep = 1 if self.pool == "cls" else None
-        return self.forward_head(self.encoder(self.embed(x), keep=keep)[0])
+        num_queries = 1 if self.pool == "cls" else None
+        return self.forward_head(self.encoder(self.embed(x), num_queries=num_queries)[0])
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -406,19 +421,18 @@ class VisionTransformer(nn.Module):
         spec = self.pos_embed_spec
         self.patch_embed.set_img_size(img_size)
         grid = self.patch_embed.grid_size
-        for table in self.encoder.pos_embeds:
-            table.resize(grid, spec.interpolation, spec.antialias)
+        self.encoder.pos_embeds.resize(grid)
         for block in self.encoder.blocks:
             if block.attn.rel_pos is not None:
                 block.attn.rel_pos.resize(grid, spec.interpolation, spec.antialias)
-        self.config["img_size"] = self.patch_embed.img_size
+        self.cfg = replace(self.cfg, img_size=self.patch_embed.img_size)
 
     def reset_classifier(self, num_classes: int, keep_pre_logits: bool = False) -> None:
         """New zero-initialised head for `num_classes` (the paper's fine-tuning head); drops
         the pre-logits layer unless asked to keep it."""
         if not keep_pre_logits:
             self.pre_logits = nn.Identity()
-            self.config["representation_size"] = None
+            self.cfg = replace(self.cfg, representation_size=None)
         head_in = self.embed_dim
         if isinstance(self.pre_logits, nn.Sequential):
             head_in = self.pre_logits[0].out_features
@@ -428,7 +442,6 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.num_classes = num_classes
-        self.config["num_classes"] = num_classes
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that are embeddings (class token, position tables)."""
