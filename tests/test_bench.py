@@ -127,3 +127,36 @@ def test_cli_quick_suite_writes_bench_json(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         assert "no CUDA device" in saved["gpu"]["skipped"]
     assert report["data"]["vs_train_step"] > 0
+
+
+def test_without_timm_the_bench_says_how_to_install_it(tmp_path):
+    """timm is the bench's optional dependency (vitexp[bench]): without it, one line."""
+    import subprocess
+    import sys
+
+    hide_timm = "import sys; sys.modules['timm'] = None; import importlib.util as u; "
+    hide_timm += (
+        "find = u.find_spec; u.find_spec = lambda n, *a: None if n == 'timm' else find(n, *a); "
+    )
+    hide_timm += "import runpy; runpy.run_module('vitexp.bench', run_name='__main__')"
+    proc = subprocess.run(
+        [sys.executable, "-c", hide_timm, "--quick"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        "error: vitexp.bench compares against timm, which is not installed; "
+        "pip install 'vitexp[bench]' (make install has it)"
+    )
+    import vitexp.models  # noqa: F401  the models need no timm
+
+    assert "timm" not in {m.split(".")[0] for m in _modules_loaded_by("vitexp.train")}
+
+
+def _modules_loaded_by(module: str) -> list[str]:
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('\\n'.join(sys.modules))"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    ).stdout.split()

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,18 +46,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitexp.config import OptimConfig
-from vitexp.models import VisionTransformer
+from vitexp.models import SIZES, VisionTransformer, build_model, model_config
 from vitexp.models.convert import from_timm
 from vitexp.module import build_optimizer
 
 # Dense bf16 peak FLOP/s per device, for model FLOPs utilisation (vendor data sheets).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
-SIZES = {  # timm names of the sizes: width, depth, heads, patch
-    "debug": dict(embed_dim=64, depth=4, num_heads=4, patch_size=4),
-    "S/16": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16),
-    "B/16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
-}
+BENCH_SIZES = {"debug": "vit_tiny_debug", "S/16": "vit_s16", "B/16": "vit_b16"}  # -> SIZES
+
+
+def size_of(case: Case) -> dict[str, int]:
+    """Width, depth, heads and patch of the case's size (vitexp.models.factory.SIZES)."""
+    fields = SIZES[BENCH_SIZES[case.size]][1]
+    return {k: fields[k] for k in ("embed_dim", "depth", "num_heads", "patch_size")}
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def build_timm(case: Case) -> nn.Module:
     from timm.models import vision_transformer as tv
 
     kwargs = dict(
-        SIZES[case.size],
+        size_of(case),
         img_size=case.img_size,
         num_classes=case.num_classes,
         global_pool="token" if case.pool == "cls" else "avg",
@@ -181,19 +184,16 @@ def build_vitexp(case: Case, timm_model: nn.Module) -> VisionTransformer:
 
 
 def vitexp_model(case: Case, grad_checkpointing: bool = False) -> VisionTransformer:
-    s = SIZES[case.size]
-    return VisionTransformer(
+    cfg = model_config(
+        BENCH_SIZES[case.size],
         img_size=case.img_size,
-        patch_size=1 if case.stem == "r50" else s["patch_size"],
-        num_classes=case.num_classes,
-        embed_dim=s["embed_dim"],
-        depth=s["depth"],
-        num_heads=s["num_heads"],
         pool=case.pool,
         pos_embed={"kind": case.kind, "placement": case.placement},
         stem=case.stem,
         grad_checkpointing=grad_checkpointing,
+        **({"patch_size": 1} if case.stem == "r50" else {}),
     )
+    return VisionTransformer(cfg, num_classes=case.num_classes)
 
 
 def default_adamw(params) -> torch.optim.Optimizer:
@@ -369,9 +369,9 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     on in-memory batches so that only the step is timed."""
     from hydra import compose, initialize_config_dir
 
-    from vitexp.config import validate
+    from vitexp.config import CONFIG_DIR, validate
     from vitexp.module import ViTModule
-    from vitexp.train import CONFIG_DIR, build_trainer, speed_switches
+    from vitexp.trainer import build_trainer, speed_switches
 
     trainer_group = "gpu" if setup.device == "cuda" else "cpu"
     overrides = [
@@ -383,6 +383,7 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
         "figures=false",
         "fewshot.enabled=false",
         f"trainer.compile={str(setup.compile).lower()}",
+        f"model={BENCH_SIZES[case.size]}",
         f"model.img_size={case.img_size}",
         f"model.pool={case.pool}",
         f"model.pos_embed.kind={case.kind}",
@@ -390,11 +391,9 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
         f"data.batch_size={case.batch}",
         f"data.num_classes={case.num_classes}",
     ]
-    for key, value in SIZES[case.size].items():
-        overrides.append(f"model.{key}={value}")
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         c = validate(compose("train", overrides=overrides))
-    net = VisionTransformer(num_classes=case.num_classes, **c.model.model_kwargs())
+    net = build_model(c.model, case.num_classes)
     module = ViTModule(net, c.optim, c.schedule, c.loss, compile=speed_switches(c.trainer)[1])
     timer = StepTimer(setup.warmup)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -506,7 +505,7 @@ def data_pipeline(num_images: int, img_size: int, num_workers: int, batch: int) 
 def train_flops_per_image(case: Case) -> float:
     """Analytic training FLOPs of one image for the standard ViT (3 x forward: the backward
     costs twice the forward), counting multiply-adds as 2 FLOPs; the convention of MFU."""
-    s = SIZES[case.size]
+    s = size_of(case)
     d, depth, p = s["embed_dim"], s["depth"], s["patch_size"]
     n = (case.img_size // p) ** 2
     t = n + (1 if case.pool == "cls" else 0)
@@ -605,7 +604,21 @@ def run_suite(name: str, cases: list[Case], setup: Setup, headline: Case | None)
     return out
 
 
+def require_timm() -> None:
+    """The bench measures against timm, an optional dependency: say how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        print(
+            "error: vitexp.bench compares against timm, which is not installed; "
+            "pip install 'vitexp[bench]' (make install has it)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    require_timm()
     parser = argparse.ArgumentParser(
         prog="python -m vitexp.bench", description=__doc__.split("\n")[0]
     )

@@ -95,18 +95,22 @@ def single_run_errors(task: Callable) -> Callable:
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         try:
             return task(*args, **kwargs)
         except Exception as err:
-            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-            if multirun:
+            if in_multirun():
                 raise
             exit_with(err)
 
     return wrapper
+
+
+def in_multirun() -> bool:
+    """Inside a job of a Hydra multirun (`-m`, a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def run_cli(entry: Callable[[], object]) -> None:

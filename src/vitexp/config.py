@@ -25,8 +25,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vitexp.errors import ConfigError
-from vitexp.models.factory import FAMILIES, SIZES
-from vitexp.models.pos_embed import NotApplicableCell
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -209,6 +207,8 @@ def register_configs() -> None:
     """The schema of configs/train.yaml's defaults list, and one `model=` choice per entry
     of the sizes table: the family's schema (types, allowed keys), then the default
     position embedding (the `model/pos_embed` group), then the size's own fields."""
+    from vitexp.models.factory import FAMILIES, SIZES
+
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for family, spec in FAMILIES.items():
@@ -240,10 +240,18 @@ def _fraction(key: str, value: float, low: float = 0.0, high: float = 1.0) -> No
         raise ConfigError(f"{key}={value!r} must be in [{low}, {high})")
 
 
-def to_object(cfg: DictConfig) -> TrainConfig:
-    """The composed config as typed dataclasses (the schema guarantees the types)."""
+def without_hydra(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as plain data, resolved, without Hydra's own node."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
+    return plain
+
+
+def to_object(cfg: DictConfig) -> TrainConfig:
+    """The composed config as typed dataclasses (the schema guarantees the types)."""
+    from vitexp.models import NotApplicableCell
+
+    plain = without_hydra(cfg)
     missing = sorted(OmegaConf.missing_keys(plain))
     if missing:
         raise ConfigError(
@@ -263,6 +271,8 @@ def to_object(cfg: DictConfig) -> TrainConfig:
 def _model_schema(cfg: DictConfig) -> type:
     """The family dataclass of the composed `model` node (the `model=` choice typed it);
     a plain mapping (a config.yaml read back) is a ViT's."""
+    from vitexp.models.factory import FAMILIES
+
     schema = OmegaConf.get_type(cfg.model) if OmegaConf.is_config(cfg.model) else None
     families = {f.config for f in FAMILIES.values()}
     return schema if schema in families else FAMILIES["vit"].config

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.callbacks import requeue_count
 from vitexp.checkpoint import checkpoint_exists
-from vitexp.config import TrainConfig
+from vitexp.config import TrainConfig, without_hydra
 from vitexp.errors import CheckpointError, ConfigError
 from vitexp.files import write_atomic
 
@@ -30,10 +29,6 @@ _IMPORTED_AT = time.time() - 1.0  # mtime granularity: a directory Hydra makes i
 def hydra_run_dir() -> Path:
     """The directory Hydra made for this run (or sweep job)."""
     return Path(HydraConfig.get().runtime.output_dir)
-
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def finished_requeue(hydra_dir: Path) -> dict | None:
@@ -145,10 +140,8 @@ def experiment_name() -> str | None:
 
 def write_config(cfg: DictConfig, run_dir: Path, resumed: bool) -> None:
     """config.yaml (config.resume.yaml for a resumed attempt): the resolved config."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
     name = "config.resume.yaml" if resumed else "config.yaml"
-    write_atomic(run_dir / name, OmegaConf.to_yaml(OmegaConf.create(plain)))
+    write_atomic(run_dir / name, OmegaConf.to_yaml(OmegaConf.create(without_hydra(cfg))))
 
 
 def record_sweep_job(cfg: DictConfig, status: str, reason: str) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from vitexp import rundir
 from vitexp.callbacks import PreemptionCheckpoint, requeue_count, slurm_job_id
 from vitexp.checkpoint import check_resumable, load_pretrained, read_checkpoint, resolve_pretrained
-from vitexp.cli import one_line, run_cli, single_run_errors
+from vitexp.cli import in_multirun, one_line, run_cli, single_run_errors
 from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
 from vitexp.errors import ConfigError, Interrupted
 from vitexp.files import write_atomic
@@ -236,7 +236,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)["metrics"].get("test/acc")
     except NotApplicableCell as err:
-        if not rundir.in_multirun():
+        if not in_multirun():
             rundir.remove_new_empty_dirs(rundir.hydra_run_dir())
             raise
         log.info("skipping an N/A cell: %s", err)
@@ -244,9 +244,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None
     except BaseException as err:
         rundir.stop_logging_to_file(one_line(err))
-        if rundir.in_multirun() and rank_zero_only.rank == 0 and isinstance(err, Exception):
+        if in_multirun() and rank_zero_only.rank == 0 and isinstance(err, Exception):
             rundir.record_sweep_job(cfg, "failed", one_line(err))
-        elif not rundir.in_multirun():
+        elif not in_multirun():
             rundir.remove_new_empty_dirs(rundir.hydra_run_dir())
         raise
 
