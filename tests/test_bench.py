@@ -31,7 +31,7 @@ def test_variant_without_timm_equivalent_is_timed_against_timm_1d():
     assert not case.timm_has_it
     runners, diff = bench.make_runners(case, bench.Setup())
     assert diff is None
-    assert runners["vitexp"].model.pos_embed_spec.kind == "relative"
+    assert runners["vitexp"].model.cfg.pos_embed.kind == "relative"
     assert runners["timm"].model.pos_embed.shape[1] == 65  # timm's learned 1-D table
 
 

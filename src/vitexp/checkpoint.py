@@ -317,8 +317,8 @@ def load_pretrained(path: str | Path, model: nn.Module) -> dict[str, Any]:
     source, meta = _model_from(content, path, "pretrained")
     check_architecture(source.cfg, model, path)
     # the fine-tune's own resampling settings apply
-    source.pos_embed_spec.interpolation = model.pos_embed_spec.interpolation
-    source.pos_embed_spec.antialias = model.pos_embed_spec.antialias
+    source.cfg.pos_embed.interpolation = model.cfg.pos_embed.interpolation
+    source.cfg.pos_embed.antialias = model.cfg.pos_embed.antialias
     source.reset_classifier(
         model.num_classes, keep_pre_logits=model.cfg.representation_size is not None
     )

@@ -78,9 +78,9 @@ def resolve_layer(layer: int | None, depth: int) -> int:
 
 # --- the four views --------------------------------------------------------------------------
 def _attention_view(model, images, names, maps, boxes) -> tuple[bytes, dict]:
-    patches = rollout_to_patches(attention_rollout(maps), model.num_prefix_tokens, model.pool)
+    patches = rollout_to_patches(attention_rollout(maps), model.num_prefix_tokens, model.cfg.pool)
     heat = tokens_to_pixels(patches, boxes, model.img_size)
-    if model.pool == "cls":
+    if model.cfg.pool == "cls":
         source = "class token row of the rollout"
         title = "Attention rollout (Abnar & Zuidema): class token -> input patches"
     else:
@@ -127,7 +127,7 @@ def _filter_view(model) -> tuple[bytes, dict]:
 
 
 def _pos_embed_view(model, layer: int) -> tuple[bytes, dict]:
-    spec = model.pos_embed_spec
+    spec = model.cfg.pos_embed
     data: dict[str, Any] = {"kind": spec.kind, "placement": spec.placement}
     if spec.kind == "none":
         data["note"] = "the model has no position embedding (pos_embed.kind=none)"
@@ -196,7 +196,7 @@ def make_figures(
     c = model.cfg
     report: dict[str, Any] = {
         "model": {
-            "pos_embed": describe(model.pos_embed_spec),
+            "pos_embed": describe(model.cfg.pos_embed),
             **{k: getattr(c, k) for k in ("pool", "stem", "depth", "num_heads", "embed_dim")},
             "img_size": list(model.img_size),
             "grid_size": list(model.grid_size),

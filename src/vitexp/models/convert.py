@@ -118,7 +118,7 @@ def _pos_embed_for(
         # the same as a zero vector in vitexp's table.
         value = torch.cat([value.new_zeros(1, prefix, value.shape[2]), value], dim=1)
     grid = grid or square_grid(value.shape[1], prefix)
-    spec = model.pos_embed_spec
+    spec = model.cfg.pos_embed
     return resample_grid(value, grid, model.grid_size, prefix, spec.interpolation, spec.antialias)
 
 

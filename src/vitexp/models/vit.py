@@ -77,22 +77,11 @@ class ViTConfig:
 
     # what must agree between a pretrained checkpoint and the model fine-tuned from it
     # (resolution and head may differ: fine-tuning changes them)
-    ARCHITECTURE = (
-        "patch_size",
-        "patch_stride",
-        "in_chans",
-        "embed_dim",
-        "depth",
-        "num_heads",
-        "mlp_ratio",
-        "qkv_bias",
-        "pool",
-        "class_token",
-        "fc_norm",
-        "stem",
-        "pos_embed.kind",
-        "pos_embed.placement",
-    )
+    # fmt: off
+    ARCHITECTURE = ("patch_size", "patch_stride", "in_chans", "embed_dim", "depth", "num_heads",
+                    "mlp_ratio", "qkv_bias", "pool", "class_token", "fc_norm", "stem",
+                    "pos_embed.kind", "pos_embed.placement")
+    # fmt: on
     # ... and what a resumed run must also keep
     RESUME = (*ARCHITECTURE, "img_size", "representation_size")
 
@@ -359,16 +348,8 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     @property
-    def pos_embed_spec(self) -> PosEmbedSpec:
-        return self.cfg.pos_embed
-
-    @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
-
-    @property
-    def pool(self) -> str:
-        return self.cfg.pool
 
     @property
     def grid_size(self) -> Size2d:
@@ -397,7 +378,7 @@ class VisionTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the tokens, then pre-logits and head. `pre_logits=True` stops before the head
         (the features that few-shot linear evaluation uses)."""
-        x = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        x = x[:, 0] if self.cfg.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
         x = self.pre_logits(self.fc_norm(x))
         return x if pre_logits else self.head(self.head_drop(x))
 
@@ -405,7 +386,7 @@ class VisionTransformer(nn.Module):
         """Logits. With the class token, only its output reaches the head, so the last block
         computes its query, attention output and MLP for the class token alone: the same
         logits as `forward_head(forward_features(x))` for about 1/depth less compute."""
-        num_queries = 1 if self.pool == "cls" else None
+        num_queries = 1 if self.cfg.pool == "cls" else None
         return self.forward_head(self.encoder(self.embed(x), num_queries=num_queries)[0])
 
     @torch.no_grad()
@@ -418,7 +399,7 @@ class VisionTransformer(nn.Module):
     def resize(self, img_size: int | Sequence[int]) -> None:
         """Run at a new resolution: resample every position embedding of every placement
         (learned tables interpolated, sin-cos recomputed, relative offsets resampled)."""
-        spec = self.pos_embed_spec
+        spec = self.cfg.pos_embed
         self.patch_embed.set_img_size(img_size)
         grid = self.patch_embed.grid_size
         self.encoder.pos_embeds.resize(grid)
