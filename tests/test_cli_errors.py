@@ -54,6 +54,6 @@ def test_config_error_from_the_command_line_exits_2_either_way(tmp_path: Path, f
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[-1] == "error: model: pool='max' is not one of cls, gap", result.stderr
+    assert lines[-1] == "error: model.pool='max' is not one of cls, gap", result.stderr
     assert ("Traceback" in result.stderr) == full_error
     assert len(lines) > 1 if full_error else len(lines) == 1

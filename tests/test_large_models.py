@@ -164,7 +164,7 @@ def test_vith14_518_preset_composes_with_fsdp_and_checkpointing():
     assert (c.stage, c.model.name, c.model.img_size, c.model.patch_size) == (
         "finetune",
         "vit_h14",
-        518,
+        (518, 518),
         14,
     )
     assert c.model.grad_checkpointing and c.trainer.strategy == "fsdp"
@@ -174,7 +174,7 @@ def test_vith14_518_preset_composes_with_fsdp_and_checkpointing():
     assert (c.schedule.name, c.trainer.gradient_clip_val) == ("warmup_cosine", 1.0)
     # the parameter count that the preset's memory arithmetic starts from
     with torch.device("meta"):
-        net = VisionTransformer(num_classes=1000, **c.model.model_kwargs())
+        net = VisionTransformer(c.model, num_classes=1000)
     assert net.num_tokens == 37 * 37 + 1
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 633.5
 
