@@ -13,7 +13,7 @@ Preemption, who does what (one owner each, so that nothing is requeued twice):
   vitexp runs `scontrol requeue` itself. Lightning's own SLURM auto-requeue (which saves in
   the middle of a step) is switched off.
 - A requeued job (SLURM_RESTART_COUNT > 0) resumes from its run directory's last.ckpt
-  without being told (`vitexp.train.resolve_run_dir`).
+  without being told (`vitexp.rundir.resolve_run_dir`).
 """
 
 from __future__ import annotations
