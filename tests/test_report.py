@@ -12,11 +12,21 @@ from pathlib import Path
 
 import pytest
 from matplotlib.colors import to_hex
-from matplotlib.container import BarContainer
+from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
 
 from vitexp.models.pos_embed import STEM_ONLY_KINDS
-from vitexp.report import COLUMNS, collect, report, summarise, table_figure
+from vitexp.report import (
+    COLUMNS,
+    choose_view,
+    collect,
+    find_axes,
+    report,
+    scaling_figure,
+    summarise,
+    summarise_axes,
+    table_figure,
+)
 
 
 def write_job(
@@ -180,3 +190,277 @@ def test_full_grid_typed_on_the_command_line_skips_na_cells(tmp_path: Path):
     assert len(list(sweep.glob("*/checkpoints"))) == 8  # N/A cells train nothing
     cells = report(sweep)
     assert sum(1 for c in cells.values() if c.values) == 8
+
+
+# --- any sweep: the axes come from the jobs' overrides --------------------------------------
+
+CONSTANT = ["+experiment=quickstart_pretrain", "trainer.max_steps=100", "fewshot.draws=1"]
+
+
+def write_run(
+    sweep: Path,
+    num: int,
+    overrides: dict,
+    status: str = "done",
+    *,
+    fewshot: float | None = None,
+    test_acc: float | None = None,
+    train_images: int | None = None,
+) -> None:
+    """A job as vitexp.train (results.json), a failed sweep job (failed.json) or a running
+    one (config.yaml only, its values where the resolved config holds them) leaves it."""
+    job = sweep / str(num)
+    job.mkdir(parents=True)
+    seed = overrides.get("seed", 0)
+    model = overrides.get("model", "vit_tiny_debug")
+    if status == "running":
+        config = {
+            "seed": seed,
+            "model": {"name": model, "pos_embed": {"kind": "learned_1d", "placement": "stem"}},
+            "data": {"name": "shapes", "subset": None},
+            "optim": {"name": "adamw", "lr": 0.001},
+        }
+        for key, value in overrides.items():
+            if "." in key:
+                *parents, leaf = key.split(".")
+                node = config
+                for parent in parents:
+                    node = node.setdefault(parent, {})
+                node[leaf] = value
+        (job / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+        return
+    record = {
+        "status": status,
+        "seed": seed,
+        "data": "shapes",
+        "pos_embed": {
+            "kind": overrides.get("model.pos_embed.kind", "learned_1d"),
+            "placement": overrides.get("model.pos_embed.placement", "stem"),
+        },
+        "overrides": CONSTANT + [f"{k}={v}" for k, v in overrides.items()],
+    }
+    if status == "done":
+        record.update(
+            model=model,
+            metrics={"test/acc": test_acc, "test/loss": 1.0},
+            fewshot=None if fewshot is None else {"digits/10shot": fewshot},
+            fewshot_report=None if fewshot is None else "digits/10shot",
+            train_images=train_images,
+            data_subset=overrides.get("data.subset"),
+        )
+    name = "failed.json" if status == "failed" else "results.json"
+    (job / name).write_text(json.dumps(record))
+
+
+def analyse(sweep: Path) -> tuple[list, list[str], str]:
+    jobs = collect(sweep)
+    axes, recorded = find_axes(jobs)
+    return jobs, axes, choose_view(axes, recorded, jobs)
+
+
+def read_csv(path: Path, *key: str) -> dict[tuple[str, ...], dict[str, str]]:
+    return {tuple(r[k] for k in key): r for r in csv.DictReader(path.open())}
+
+
+def drawn(png: Path) -> bool:
+    image = Image.open(png).convert("L")
+    return image.size[0] > 300 and len(set(image.get_flattened_data())) > 10
+
+
+def test_axes_from_overrides_failed_and_running_jobs(tmp_path: Path):
+    num = 0
+    for model in ("vit_tiny_debug", "bit_tiny_debug"):
+        for subset in (100, 1000):
+            write_run(
+                tmp_path, num, {"model": model, "data.subset": subset, "seed": 0}, fewshot=0.5
+            )
+            num += 1
+    write_run(tmp_path, 4, {"model": "vit_tiny_debug", "data.subset": 100, "seed": 1}, "failed")
+    # the only job of subset 10000 is still running: its config.yaml gives both axis values
+    write_run(tmp_path, 5, {"model": "bit_tiny_debug", "data.subset": 10000, "seed": 1}, "running")
+    jobs, axes, view = analyse(tmp_path)
+    assert axes == ["model", "data.subset"]  # seed and the constant overrides are no axes
+    assert view == "scaling"
+    assert [j.status for j in jobs][4:] == ["failed", "running"]
+    assert jobs[4].axes == {**jobs[0].axes, "data.subset": 100}
+    assert jobs[5].axes["model"] == "bit_tiny_debug" and jobs[5].axes["data.subset"] == 10000
+    assert jobs[5].seed == 1
+
+    # a record's `+key=` and a config's value are the same value: 1e-3 is 0.001
+    sweep = tmp_path / "lr"
+    write_run(sweep, 0, {"optim.lr": "1e-3", "seed": 0}, fewshot=0.5)
+    write_run(sweep, 1, {"optim.lr": "3e-3", "seed": 0}, fewshot=0.6)
+    write_run(sweep, 2, {"optim.lr": 0.001, "seed": 1}, status="running")
+    jobs, axes, view = analyse(sweep)
+    assert (axes, view) == (["optim.lr"], "table")
+    assert jobs[2].axes["optim.lr"] == jobs[0].axes["optim.lr"] == 0.001
+
+    # the paper's ablation, with its overrides recorded: still Table 8
+    sweep = tmp_path / "posemb"
+    for num, (kind, placement) in enumerate([("none", "stem"), ("learned_1d", "every_layer")]):
+        over = {"model.pos_embed.kind": kind, "model.pos_embed.placement": placement, "seed": 0}
+        write_run(sweep, num, over, fewshot=0.5)
+    write_run(sweep, 2, {"model.pos_embed.kind": "none", "seed": 0}, "failed")
+    _, axes, view = analyse(sweep)
+    assert (set(axes), view) == ({"model.pos_embed.kind", "model.pos_embed.placement"}, "table8")
+    cells = report(sweep)
+    assert cells[("learned_1d", "every_layer")].mean == 0.5
+    assert "| No Pos. Emb. | 0.5000, failed (1) | N/A | N/A |" in (sweep / "table.md").read_text()
+
+
+def test_data_scaling_view_is_figure_4(tmp_path: Path):
+    # (model, subset, train_images): {seed: (few-shot, test acc)}; subset 1.0 is all of A
+    runs = {
+        ("vit_tiny_debug", 100, 100): {0: (0.30, 0.10), 1: (0.40, 0.20)},
+        ("vit_tiny_debug", 1000, 1000): {0: (0.50, 0.30), 1: (0.60, 0.50), 2: (0.70, 0.40)},
+        ("vit_tiny_debug", 1.0, 12800): {0: (0.80, 0.60)},
+        ("bit_tiny_debug", 100, 100): {0: (0.45, 0.15), 1: (0.55, 0.25)},
+        ("bit_tiny_debug", 1000, 1000): {0: (0.65, 0.35), 1: (0.65, 0.45)},
+    }
+    num = 0
+    for (model, subset, images), seeds in runs.items():
+        for seed, (fewshot, test_acc) in seeds.items():
+            over = {"model": model, "data.subset": subset, "seed": seed}
+            write_run(tmp_path, num, over, fewshot=fewshot, test_acc=test_acc, train_images=images)
+            num += 1
+    write_run(tmp_path, num, {"model": "bit_tiny_debug", "data.subset": 1.0, "seed": 0}, "failed")
+    write_run(
+        tmp_path, num + 1, {"model": "bit_tiny_debug", "data.subset": 1.0, "seed": 1}, "running"
+    )
+
+    cells = report(tmp_path)
+    assert cells[("vit_tiny_debug", "1000")].mean == pytest.approx(0.6)
+    rows = read_csv(tmp_path / "table.csv", "model", "train_images")
+    assert list(rows) == [  # by model, then by the number of images
+        ("bit_tiny_debug", "100"),
+        ("bit_tiny_debug", "1000"),
+        ("bit_tiny_debug", ""),  # only a failed and a running job: no image count yet
+        ("vit_tiny_debug", "100"),
+        ("vit_tiny_debug", "1000"),
+        ("vit_tiny_debug", "12800"),
+    ]
+    row = rows[("vit_tiny_debug", "1000")]
+    assert (row["mean"], row["std"], row["n"], row["seeds"]) == (
+        "0.600000",
+        "0.100000",
+        "3",
+        "0 1 2",
+    )
+    assert (row["test_acc_mean"], row["test_acc_std"]) == ("0.400000", "0.100000")
+    assert (row["data.subset"], row["score"], row["status"]) == ("1000", "digits/10shot", "done")
+    row = rows[("bit_tiny_debug", "1000")]
+    assert (row["mean"], row["std"], row["test_acc_mean"]) == ("0.650000", "0.000000", "0.400000")
+    row = rows[("vit_tiny_debug", "12800")]
+    assert (row["mean"], row["std"], row["n"], row["data.subset"]) == ("0.800000", "", "1", "1.0")
+    row = rows[("bit_tiny_debug", "")]
+    assert (row["status"], row["failed"], row["running"], row["n"]) == ("failed", "1", "1", "0")
+
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith(
+        "Few-shot linear accuracy (digits/10shot) against the number of pretraining images "
+        "(the paper's Figure 4), mean ± std over seeds [0, 1, 2]; 10 trained jobs, 1 failed, "
+        "1 running. Swept: model, data.subset."
+    )
+    assert (
+        "| model | data.subset | train images | digits/10shot | test/acc | n | seeds | failed "
+        "| running |" in table
+    )
+    assert (
+        "| vit_tiny_debug | 1000 | 1000 | 0.6000 ± 0.1000 | 0.4000 ± 0.1000 | 3 | 0 1 2 | 0 | 0 |"
+        in table
+    )
+    assert "| bit_tiny_debug | 1.0 |  | running |  | 0 |  | 1 | 1 |" in table
+    assert drawn(tmp_path / "table.png")
+
+    jobs, axes, view = analyse(tmp_path)
+    [ax] = scaling_figure(summarise_axes(jobs, axes, view)).axes
+    assert ax.get_xscale() == "log"
+    lines = {c.get_label(): c.lines[0] for c in ax.containers if isinstance(c, ErrorbarContainer)}
+    assert sorted(lines) == ["bit_tiny_debug", "vit_tiny_debug"]
+    assert list(lines["vit_tiny_debug"].get_xdata()) == [100, 1000, 12800]
+    assert list(lines["vit_tiny_debug"].get_ydata()) == pytest.approx([0.35, 0.6, 0.8])
+    assert list(lines["bit_tiny_debug"].get_xdata()) == [100, 1000]
+
+
+def test_plain_table_for_any_other_sweep(tmp_path: Path):
+    # fine-tuning runs: no few-shot score, so the score is the test accuracy
+    accs = {"1e-3": [0.80, 0.90, 0.85], "3e-3": [0.60, 0.70]}
+    num = 0
+    for lr, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path, num, {"optim.lr": lr, "seed": seed}, test_acc=acc)
+            num += 1
+    write_run(tmp_path, num, {"optim.lr": "3e-3", "seed": 2}, status="failed")
+    write_run(tmp_path, num + 1, {"optim.lr": "1e-2", "seed": 0}, status="running")
+
+    cells = report(tmp_path)
+    assert list(cells) == [("0.001",), ("0.003",), ("0.01",)]
+    assert cells[("0.001",)].mean == pytest.approx(0.85)
+    rows = read_csv(tmp_path / "table.csv", "optim.lr")
+    assert rows[("0.001",)]["score"] == "test/acc"
+    assert (rows[("0.001",)]["mean"], rows[("0.001",)]["std"]) == ("0.850000", "0.050000")
+    assert (rows[("0.003",)]["n"], rows[("0.003",)]["seeds"], rows[("0.003",)]["failed"]) == (
+        "2",
+        "0 1",
+        "1",
+    )
+    assert rows[("0.01",)]["status"] == "running"
+    table = (tmp_path / "table.md").read_text()
+    assert "Test accuracy (test/acc), mean ± std over seeds [0, 1, 2]" in table
+    assert "5 trained jobs, 1 failed, 1 running. Swept: optim.lr." in table
+    assert "| optim.lr | test/acc | n | seeds | failed | running |" in table
+    assert "| 0.003 | 0.6500 ± 0.0707 | 2 | 0 1 | 1 | 0 |" in table
+    assert "| 0.01 | running | 0 |  | 0 | 1 |" in table
+    assert drawn(tmp_path / "table.png")
+
+
+@pytest.mark.parametrize("with_subset", [False, True])
+def test_runs_differing_in_an_axis_are_never_averaged(tmp_path: Path, with_subset: bool):
+    scores = {("vit_tiny_debug", 0): 0.2, ("vit_tiny_debug", 1): 0.4}
+    scores |= {("bit_tiny_debug", 0): 0.8, ("bit_tiny_debug", 1): 0.6}
+    for num, ((model, seed), score) in enumerate(scores.items()):
+        over = {"model": model, "seed": seed}
+        if with_subset:  # two sizes of A as well: 4 lines' points, never one mean of 8 runs
+            over["data.subset"] = 100
+        write_run(tmp_path, num, over, fewshot=score, test_acc=score, train_images=100)
+    if with_subset:
+        for num, ((model, seed), score) in enumerate(scores.items(), start=4):
+            over = {"model": model, "data.subset": 1000, "seed": seed}
+            write_run(tmp_path, num, over, fewshot=score + 0.1, train_images=1000)
+    cells = report(tmp_path)
+    means = {key: (cell.mean, len(cell.values)) for key, cell in cells.items()}
+    if with_subset:
+        assert means == {
+            ("bit_tiny_debug", "100"): (pytest.approx(0.7), 2),
+            ("bit_tiny_debug", "1000"): (pytest.approx(0.8), 2),
+            ("vit_tiny_debug", "100"): (pytest.approx(0.3), 2),
+            ("vit_tiny_debug", "1000"): (pytest.approx(0.4), 2),
+        }
+    else:
+        assert means == {
+            ("bit_tiny_debug",): (pytest.approx(0.7), 2),
+            ("vit_tiny_debug",): (pytest.approx(0.3), 2),
+        }
+    assert len(list(csv.DictReader((tmp_path / "table.csv").open()))) == len(cells)
+
+
+def test_position_embeddings_of_two_models_are_not_table_8(tmp_path: Path):
+    """A position-embedding sweep that also varies the model is not the paper's layout:
+    Table 8 would average the two models into each cell."""
+    num = 0
+    for model, score in (("vit_tiny_debug", 0.3), ("bit_tiny_debug", 0.7)):
+        for kind in ("learned_1d", "learned_2d"):
+            for seed in (0, 1):
+                over = {"model": model, "model.pos_embed.kind": kind, "seed": seed}
+                write_run(tmp_path, num, over, fewshot=score + seed / 10)
+                num += 1
+    _, axes, view = analyse(tmp_path)
+    assert (axes, view) == (["model", "model.pos_embed.kind"], "table")
+    cells = report(tmp_path)
+    assert {k: round(c.mean, 6) for k, c in cells.items()} == {
+        ("bit_tiny_debug", "learned_1d"): 0.75,
+        ("bit_tiny_debug", "learned_2d"): 0.75,
+        ("vit_tiny_debug", "learned_1d"): 0.35,
+        ("vit_tiny_debug", "learned_2d"): 0.35,
+    }
+    assert "| model | model.pos_embed.kind | digits/10shot |" in (tmp_path / "table.md").read_text()

@@ -81,7 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     truncated checkpoint where the good one was. Here the bytes go to a hidden file in the
     target's own directory, are flushed to disk, and `os.replace` swaps them in. Under
     trainer=fsdp, Lightning hands it the `full` checkpoints (rank 0 writes them); `sharded`
-    directories are swapped in by `vitexp.train.ShardedStrategy` with `replace_dir`.
+    directories are swapped in by `vitexp.trainer.ShardedStrategy` with `replace_dir`.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -317,10 +317,12 @@ def load_pretrained(path: str | Path, model: nn.Module) -> dict[str, Any]:
     source, meta = _model_from(content, path, "pretrained")
     check_architecture(source.cfg, model, path)
     # the fine-tune's own resampling settings apply
-    source.cfg.pos_embed.interpolation = model.cfg.pos_embed.interpolation
-    source.cfg.pos_embed.antialias = model.cfg.pos_embed.antialias
+    if hasattr(model.cfg, "pos_embed"):
+        source.cfg.pos_embed.interpolation = model.cfg.pos_embed.interpolation
+        source.cfg.pos_embed.antialias = model.cfg.pos_embed.antialias
     source.reset_classifier(
-        model.num_classes, keep_pre_logits=model.cfg.representation_size is not None
+        model.num_classes,
+        keep_pre_logits=getattr(model.cfg, "representation_size", None) is not None,
     )
     source.resize(model.img_size)
     result = model.load_state_dict(source.state_dict(), strict=False)

@@ -83,6 +83,12 @@ class DataConfig:
     val_size: int = 1000  # hf streaming: examples taken from the head of train for validation
     shuffle_buffer: int = 10_000  # hf streaming
     on_corrupt: str = "error"  # skip | error: what an unreadable image does
+    # a fixed subset of the training split (after the val/test holdout): null = all of it,
+    # an int = that many images, a float in (0, 1] = that fraction; class-balanced and nested
+    # (a smaller subset is part of a larger one with the same subset_seed); a stream: its
+    # first N rows (vitexp.data.datamodule)
+    subset: Any = None
+    subset_seed: int = 0  # which images the subset holds; independent of the training seed
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
@@ -351,11 +357,36 @@ def _validate_data(d: DataConfig, key: str = "data") -> None:
             f"{key}.root is not set; {key}.source={d.source} reads the images from there "
             f"({key}.root=/path/to/data)"
         )
+    check_subset(d, key, ConfigError)
     a = d.augment
     if not 0 < a.scale_min <= 1:
         raise ConfigError(f"{key}.augment.scale_min={a.scale_min} must be in (0, 1]")
     if not 0 < a.crop_pct <= 1:
         raise ConfigError(f"{key}.augment.crop_pct={a.crop_pct} must be in (0, 1]")
+
+
+def check_subset(d: DataConfig, key: str = "data", error: type = ConfigError) -> None:
+    """data.subset: null, an int >= 1 (images) or a float in (0, 1] (a fraction of the
+    training split; not for a stream, whose length is unknown); data.subset_seed an int >= 0.
+    Raises `error` with one line naming the key."""
+    value, seed = d.subset, d.subset_seed
+    if type(seed) is not int or seed < 0:
+        raise error(f"{key}.subset_seed={seed!r} must be an int >= 0")
+    if value is None:
+        return
+    if type(value) is int and value >= 1:
+        return
+    if type(value) is float and 0 < value <= 1:
+        if d.source == "hf" and d.streaming:
+            raise error(
+                f"{key}.subset={value!r} is a fraction, but {key}.streaming=true reads a stream "
+                f"of unknown length; give a number of images, e.g. {key}.subset=10000"
+            )
+        return
+    raise error(
+        f"{key}.subset={value!r} must be null (all training images), an int >= 1 (a number "
+        "of images) or a float in (0, 1] (a fraction of the training split)"
+    )
 
 
 def _validate_model(m: Any) -> None:

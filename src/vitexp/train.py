@@ -100,8 +100,10 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "experiment": rundir.experiment_name(),
         "name": c.name,
         "data": c.data.name,
+        "data_subset": c.data.subset,
+        "train_images": data.train_images,
         "model": c.model.name,
-        "pos_embed": {"kind": c.model.pos_embed.kind, "placement": c.model.pos_embed.placement},
+        "pos_embed": pos_embed_record(c.model),
         "seed": c.seed,
         "metrics": {k: float(v) for k, v in tested.items()},
         "fewshot": fewshot,
@@ -208,6 +210,12 @@ def training_facts(trainer: L.Trainer, c: TrainConfig, run_dir: Path) -> dict[st
     }
 
 
+def pos_embed_record(m: Any) -> dict[str, str] | None:
+    """The Table-8 cell of a ViT (kind, placement); None for a model without one (a CNN)."""
+    pos = getattr(m, "pos_embed", None)
+    return None if pos is None else {"kind": pos.kind, "placement": pos.placement}
+
+
 def describe_run(
     c: TrainConfig, trainer: L.Trainer, num_classes: int, run_dir: Path, resume: Path | None
 ) -> str:
@@ -216,8 +224,10 @@ def describe_run(
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.max_epochs} epochs"
     precision, compiled = speed_switches(t)
     batch = c.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    pos = pos_embed_record(m)
+    variant = f" ({pos['kind']}/{pos['placement']}, {m.pool})" if pos else ""
     return (
-        f"{c.stage} {m.name} ({m.pos_embed.kind}/{m.pos_embed.placement}, {m.pool}) on "
+        f"{c.stage} {m.name}{variant} on "
         f"{c.data.name} ({num_classes} classes): {budget}, global batch {batch}, "
         f"{c.optim.name} lr {c.optim.lr:g}, {precision}{', compiled' if compiled else ''}, "
         f"{trainer.world_size} process(es) -> {run_dir}"

@@ -8,6 +8,7 @@ progress bar, timeouts, FSDP state dict) are applied here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from vitexp.checkpoint import AtomicCheckpointIO, read_checkpoint, remove_path, 
 from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig
 from vitexp.errors import ConfigError
 from vitexp.progress import ProgressBar, ValidationLog
+
+log = logging.getLogger("vitexp")
 
 
 def build_logger(cfg: LoggerConfig, run_dir: Path):
@@ -89,6 +92,7 @@ def build_strategy(t: TrainerConfig) -> Any:
     if t.strategy == "ddp":
         return L.pytorch.strategies.DDPStrategy(timeout=timeout)
     if t.strategy == "fsdp":
+        from vitexp.models.resnet import PreActBottleneck
         from vitexp.models.vit import Block
 
         # activation checkpointing is the model's own switch (model.grad_checkpointing):
@@ -96,7 +100,7 @@ def build_strategy(t: TrainerConfig) -> Any:
         # use_orig_params: the optimizer sees each parameter by name (weight decay on
         # matrices only), not one flat tensor per unit
         return ShardedStrategy(
-            auto_wrap_policy={Block},
+            auto_wrap_policy={Block, PreActBottleneck},  # one unit per block, any family
             state_dict_type=t.fsdp_state_dict,
             timeout=timeout,
             use_orig_params=True,
@@ -205,9 +209,12 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
 
         callbacks.append(FewShotCallback(evaluator))
     if c.stage == "pretrain" and c.figures:
-        from vitexp.visualize import FiguresCallback
+        from vitexp.visualize import FiguresCallback, draws
 
-        callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))
+        if draws(c.model):
+            callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))
+        else:
+            log.info("figures: the paper's figures are of ViTs; none for %s", c.model.name)
     callbacks.append(ValidationLog())
     if t.progress_bar:
         callbacks.append(ProgressBar(t.log_every_n_steps))

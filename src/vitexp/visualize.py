@@ -247,6 +247,13 @@ def log_figures(loggers, pngs: dict[str, bytes], step: int) -> None:
                 logger.log_image(key=tag, images=[array], step=step)
 
 
+def draws(model_cfg: Any) -> bool:
+    """The figures are the ViT paper's: attention, patch filters, position embeddings."""
+    from vitexp.models import ViTConfig
+
+    return isinstance(model_cfg, ViTConfig)
+
+
 class FiguresCallback(L.Callback):
     """At the end of training (rank zero), draws the four figures of `pl_module.net` into
     `out_dir` and logs them. A failure is logged as a warning: it never costs the run."""
@@ -305,6 +312,11 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
     from vitexp.checkpoint import read_model
 
     model = read_model(c.pretrained, "pretrained")[0]
+    if not draws(model.cfg):
+        raise ConfigError(
+            f"pretrained={c.pretrained} is a {model.cfg.name} model; the figures (attention, "
+            "patch filters, position embeddings) are drawn for ViT checkpoints only"
+        )
     resolve_layer(c.layer, len(model.encoder.blocks))  # fail before reading any image
     images, names = load_images(c.images, model.img_size, model.cfg.in_chans, c.max_images)
     pngs, report = make_figures(model, images, names, model.cfg.mean, model.cfg.std, c.layer)

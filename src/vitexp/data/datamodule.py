@@ -11,6 +11,13 @@ Splits per source (`data.source`; held-out fractions are seeded by data.seed, st
                streaming: a null val (test) split is the first (next) val_size rows of
                train, held in memory, which the train stream drops
 
+`data.subset` then keeps a fixed part of the train split only (val and test never change):
+map-style splits keep a class-balanced subset (`sources.subset_order`: each class the same
+number of images as far as its size allows, seeded by data.subset_seed alone, so every
+model and training seed sees the same images, and a smaller subset is part of every larger
+one); a stream keeps its first N rows after the held-out head, read again every epoch
+(`hf.StreamSplit.first_rows`). `train_images` is the resulting count.
+
 Training order is a permutation that depends only on (seed, epoch), sharded by rank, and
 each sample's augmentation is seeded by (seed, epoch, index): results do not depend on the
 number of workers, and the train loader saves how far into the epoch it got, so a run
@@ -23,9 +30,11 @@ nothing left is (0, 3, H, W) images and (0,) labels.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -33,12 +42,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
-from vitexp.config import SOURCES, DataConfig
+from vitexp.config import SOURCES, DataConfig, check_subset
 from vitexp.data import hf, images, sources
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("vitexp")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -65,6 +75,7 @@ class ImageDataModule(L.LightningDataModule):
         self.mean, self.std = list(mean), list(std)
         self.seed = seed
         self._splits: sources.Splits | None = None
+        self._subset_note: str | None = None  # the line logged when a subset is used
 
     # --- splits ----------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -87,8 +98,45 @@ class ImageDataModule(L.LightningDataModule):
                 )
             if not isinstance(splits.train, IterableDataset) and len(splits.train) == 0:
                 raise DataError(f"{splits.origin}: the train split is empty; add data")
-            self._splits = splits
+            self._splits = self._take_subset(splits)
         return self._splits
+
+    def _take_subset(self, splits: sources.Splits) -> sources.Splits:
+        """The train split cut to data.subset (after the val/test holdout)."""
+        cfg, train = self.cfg, splits.train
+        if cfg.subset is None:
+            return splits
+        check_subset(cfg, "data", DataError)  # also a DataConfig that validate() never saw
+        if isinstance(train, hf.StreamSplit):
+            head = train.exclude.count if train.exclude is not None else 0
+            where = f"after its {head} held-out head rows" if head else "from its first row"
+            self._subset_note = (
+                f"data.subset={cfg.subset}: the first {cfg.subset} rows of the unshuffled "
+                f"stream {train.name} {where}, the same rows every epoch, shuffled among "
+                "themselves (data.subset_seed does not apply to a stream)"
+            )
+            return replace(splits, train=train.first_rows(cfg.subset))
+        total = len(train)
+        size = cfg.subset if type(cfg.subset) is int else max(1, round(cfg.subset * total))
+        if size > total:
+            raise DataError(
+                f"data.subset={cfg.subset} is more than the {total} training images of "
+                f"{splits.origin} (after the validation/test holdout); lower data.subset"
+            )
+        kept = sources.balanced_subset(train.labels, size, cfg.subset_seed)
+        self._subset_note = (
+            f"data.subset={cfg.subset}: {size} of {total} training images "
+            f"(class-balanced, subset_seed {cfg.subset_seed})"
+        )
+        return replace(splits, train=sources.SubsetSplit(train, kept))
+
+    @property
+    def train_images(self) -> int | None:
+        """Training images after data.subset (None: a stream without a subset)."""
+        train = self._build().train
+        if isinstance(train, hf.StreamSplit):
+            return train.limit
+        return len(train)
 
     def _load(self) -> sources.Splits:
         cfg, source = self.cfg, self.cfg.source
@@ -127,12 +175,20 @@ class ImageDataModule(L.LightningDataModule):
         return math.ceil(len(train) / world_size) // self.cfg.batch_size
 
     def check_batch_size(self, world_size: int) -> None:
-        """One whole batch per device at least (the last partial batch is dropped)."""
-        if self.batches_per_epoch(world_size) == 0:
-            n = len(self._build().train)
+        """One whole batch per device at least (the last partial batch is dropped); a stream
+        only when data.subset gives its length (a rank gets whole rounds of rows)."""
+        train = self._build().train
+        if isinstance(train, hf.StreamSplit):
+            if (n := train.limit) is None:
+                return
+            per_device = n // world_size
+        else:
+            n = len(train)
+            per_device = math.ceil(n / world_size)
+        if per_device < self.cfg.batch_size:
             raise DataError(
                 f"data.batch_size={self.cfg.batch_size} is larger than the "
-                f"{math.ceil(n / world_size)} train examples per device ({n} on {world_size} "
+                f"{per_device} train examples per device ({n} on {world_size} "
                 "devices); lower data.batch_size"
             )
 
@@ -193,9 +249,13 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self._split("train")
         rank, world = self._rank()
+        if self._subset_note and rank == 0:  # when the fit starts: the run's train.log has it
+            log.info("%s", self._subset_note)
+            self._subset_note = None
         kw = self._loader_kwargs()
         transform = self._transform(train=True)
         if isinstance(ds, hf.StreamSplit):
+            self.check_batch_size(world)
             stream = TransformedStream(ds.configure(rank, world, self.seed), transform)
             # the stream makes whole batches itself (start_at tells it batch_size), the same
             # number on every rank; workers keep their copy of the dataset: persistent ones

@@ -224,6 +224,7 @@ class HeldOut:
     row: every row of every epoch passes through here."""
 
     def __init__(self, values: list[Any]) -> None:
+        self.count = len(values)
         self.sizes = {_row_size(v) for v in values}
         self.keys = {_row_key(v) for v in values}
 
@@ -293,6 +294,21 @@ def _hf_streaming(cfg, dd, prepare, names, decoder, origin) -> Splits:
     return Splits(stream, held["val_split"], held["test_split"], list(names), origin)
 
 
+def _buffer_shuffle(items, size: int, rng: np.random.Generator):
+    """A shuffle buffer of `size` items (as HF's): each incoming item replaces a random one,
+    which is yielded; the rest are yielded in random order at the end."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)).tolist():
+        yield buffer[j]
+
+
 def _chunks(items, n: int):
     """Consecutive lists of n items; the last may be shorter."""
     it = iter(items)
@@ -324,6 +340,11 @@ class StreamSplit(IterableDataset):
     held-out head must be dropped) and decodes only its own rows. HF's own split of shards
     between loader workers is not used (it makes batches depend on shard sizes). A row's
     augmentation seed is a function of (seed, epoch, i).
+
+    `first_rows(n)` (data.subset=n) keeps the first n rows of the unshuffled stream (the
+    held-out head dropped): every epoch reads those rows again, shuffled among themselves
+    with data.shuffle_buffer, and stops reading there; a stream with fewer rows is refused
+    when an epoch reaches its end.
     """
 
     def __init__(
@@ -341,7 +362,14 @@ class StreamSplit(IterableDataset):
         self.batch_size = cfg.batch_size  # the loader's; start_at says it again
         self.rank, self.world_size, self.seed, self.epoch = 0, 1, 0, 0
         self.train = False
+        self.limit: int | None = None  # data.subset: the first `limit` rows only
         self._start: tuple[int, int] | None = None  # (epoch, batches consumed)
+
+    def first_rows(self, n: int) -> StreamSplit:
+        """A copy that reads only the first n rows (in stream order, held-out rows dropped)."""
+        out = copy.copy(self)
+        out.limit = int(n)
+        return out
 
     def configure(self, rank: int, world_size: int, shuffle_seed: int | None) -> StreamSplit:
         out = copy.copy(self)
@@ -379,11 +407,35 @@ class StreamSplit(IterableDataset):
             import fsspec.asyn
 
             fsspec.asyn.reset_lock()  # as HF does in a worker: a forked lock would hang
+        if self.limit is not None:  # data.subset: the same first rows, reshuffled per epoch
+            rows = self._first_rows()
+            if self.train:
+                rng = np.random.default_rng(self._epoch_seed())
+                rows = _buffer_shuffle(rows, self.buffer, rng)
+            yield from rows
+            return
         ds = self.ds
         if self.train:  # a fresh shuffle per epoch, not HF's set_epoch: that updates a
             # tensor shared by all loader workers without a lock, and concurrent workers
             # could leave it at twice the epoch (a different order in one worker)
             ds = ds.shuffle(seed=self._epoch_seed() % (1 << 32), buffer_size=self.buffer)
+        yield from self._rows(ds)
+
+    def _first_rows(self):
+        """The first `limit` rows of the unshuffled stream; reading stops there."""
+        count = 0
+        with contextlib.closing(self._rows(self.ds)) as rows:
+            for row in itertools.islice(rows, self.limit):
+                count += 1
+                yield row
+        if count < self.limit:
+            raise DataError(
+                f"data.subset={self.limit} is more than the {count} training rows of "
+                f"{self.name} (after the held-out head); lower data.subset"
+            )
+
+    def _rows(self, ds):
+        """(value, label) of the rows of `ds`, held-out ones dropped."""
         for batch in ds.iter(batch_size=64):
             columns = batch[self.image_column], batch[self.label_column]
             for value, label in zip(*columns, strict=True):

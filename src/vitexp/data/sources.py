@@ -98,6 +98,32 @@ def holdout(labels: np.ndarray, fraction: float, seed: list[int]) -> tuple[np.nd
     return np.sort(order[~held_mask]), np.sort(order[held_mask])
 
 
+def subset_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Every index of a split in the order that `data.subset` takes them: subset n is the
+    first n (`balanced_subset`), so a smaller subset is part of every larger one.
+
+    Each class's images are put in a seeded random order once; round k holds the k-th image
+    of every class that has more than k (the classes in a seeded random order per round).
+    Any prefix is therefore class-balanced, equal rather than proportional: every class
+    gets the same number of images as far as its size allows (min(size, L) or L + 1), and a
+    class with fewer images than its share gives the rest to the larger classes."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    rng = np.random.default_rng([seed % 2**64, 3])
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = rng.permutation(n)
+    order = order[np.argsort(inverse[order], kind="stable")]  # grouped by class, shuffled
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - starts[inverse[order]]  # position within its class
+    return np.lexsort((rng.random(n), rank))  # round by round, classes shuffled per round
+
+
+def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The sorted indices of `data.subset`: the first `size` of `subset_order`."""
+    return np.sort(subset_order(labels, seed)[:size])
+
+
 def _fractions(
     base: Dataset, cfg: DataConfig, test: Dataset | None = None, val: Dataset | None = None
 ) -> tuple[Dataset, Dataset, Dataset]:

@@ -1,9 +1,10 @@
-"""Weight import from timm: a live timm `VisionTransformer`, or a timm-format weight file.
+"""Weight import from timm: a live timm `VisionTransformer` or BiT `ResNetV2`, or a
+timm-format weight file.
 
 The paper's weights are published in timm format (e.g. `vit_base_patch16_224.augreg_in21k`
 as `model.safetensors`, or the older `jx_vit_*.pth` files that still carry the pre-logits
-layer). Original JAX `.npz` files load into timm first (`timm_model.load_pretrained(path)`),
-then through `from_timm`.
+layer; BiT's as `resnetv2_50x1_bit.goog_in21k`). Original JAX `.npz` files load into timm
+first (`timm_model.load_pretrained(path)`), then through `from_timm`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitexp.models.bit import WS_EPS, BiTConfig, ResNetV2
 from vitexp.models.pos_embed import resample_grid, square_grid
 from vitexp.models.vit import VisionTransformer, ViTConfig
 
@@ -29,7 +31,9 @@ def _check_supported(timm_model: nn.Module) -> None:
     """Refuse timm features that would silently change the computation."""
     name = type(timm_model).__name__
     if name != "VisionTransformer":
-        raise ValueError(f"from_timm converts timm VisionTransformer models, got {name}")
+        raise ValueError(
+            f"from_timm converts timm VisionTransformer and ResNetV2 (BiT) models, got {name}"
+        )
     problems = [
         f"{attr}={getattr(timm_model, attr)!r}"
         for attr, off in _UNSUPPORTED.items()
@@ -145,8 +149,11 @@ def convert_timm_state_dict(
     return out
 
 
-def from_timm(timm_model: nn.Module) -> VisionTransformer:
-    """A vitexp model with the same weights and the same logits as a timm ViT."""
+def from_timm(timm_model: nn.Module) -> VisionTransformer | ResNetV2:
+    """A vitexp model with the same weights and the same logits as a timm ViT (or a timm
+    BiT ResNet-v2: `bit_from_timm`)."""
+    if type(timm_model).__name__ == "ResNetV2":
+        return bit_from_timm(timm_model)
     model = VisionTransformer(config_from_timm(timm_model), num_classes=timm_model.num_classes)
     state = convert_timm_state_dict(
         timm_model.state_dict(),
@@ -155,6 +162,128 @@ def from_timm(timm_model: nn.Module) -> VisionTransformer:
         no_embed_class=timm_model.no_embed_class,
     )
     model.load_state_dict(state)
+    return model.train(timm_model.training)
+
+
+# --- BiT ResNet-v2 ---------------------------------------------------------------------
+def _bit_problems(timm_model: nn.Module) -> list[str]:
+    """What in a timm ResNetV2 computes otherwise than vitexp's BiT."""
+    problems = []
+    if isinstance(timm_model.norm, nn.Identity):
+        problems.append("preact=False")
+    stem = dict(timm_model.stem.named_children())
+    conv, pad, pool = stem.get("conv"), stem.get("pad"), stem.get("pool")
+    if not (
+        list(stem) == ["conv", "pad", "pool"]
+        and isinstance(conv, nn.Conv2d)
+        and (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (2, 2), (3, 3))
+        and isinstance(pad, nn.ConstantPad2d)
+        and pad.padding == (1, 1, 1, 1)
+        and pad.value == 0.0
+        and isinstance(pool, nn.MaxPool2d)
+        and (pool.kernel_size, pool.stride, pool.padding) in ((3, 2, 0), ((3, 3), (2, 2), 0))
+    ):
+        problems.append(f"stem {', '.join(stem)} (BiT's is stem_type='fixed')")
+    convs = [m for m in timm_model.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in convs if m is not timm_model.head.fc]
+    if any(type(m).__name__ != "StdConv2d" for m in convs):
+        problems.append(f"conv layer {next(type(m).__name__ for m in convs)}")
+    elif any(abs(m.eps - WS_EPS) > 1e-12 for m in convs):
+        problems.append(f"weight standardisation eps={convs[0].eps:g} (BiT's: {WS_EPS:g})")
+    norms = [m for m in timm_model.modules() if isinstance(m, nn.GroupNorm)]
+    for m in [timm_model.norm, *norms]:
+        if (
+            type(m).__name__ != "GroupNormAct"
+            or (m.num_groups, m.eps) != (32, 1e-5)
+            or type(m.act) is not nn.ReLU
+        ):
+            groups = getattr(m, "num_groups", None)
+            problems.append(f"norm layer {type(m).__name__}" + (f"({groups})" if groups else ""))
+            break
+    pool_type = getattr(timm_model.head.global_pool, "pool_type", None)
+    if pool_type != "avg":
+        problems.append(f"global_pool={pool_type!r}")
+    stem_chs = conv.out_channels if isinstance(conv, nn.Conv2d) else None
+    for i, stage in enumerate(timm_model.stages):
+        for j, block in enumerate(stage.blocks):
+            width = (stem_chs or 0) * 2**i
+            stride = 2 if i > 0 and j == 0 else 1
+            if type(block).__name__ != "PreActBottleneck":
+                problems.append(f"{type(block).__name__} blocks")
+            elif (
+                block.conv1.out_channels != width
+                or block.conv3.out_channels != 4 * width
+                or block.conv2.stride != (stride, stride)
+                or block.conv2.dilation != (1, 1)
+                or block.conv2.groups != 1
+            ):
+                problems.append(
+                    f"stages.{i}.blocks.{j}: widths, stride, dilation or groups other than "
+                    "BiT's (output_stride, bottle_ratio, channels or groups changed)"
+                )
+            elif (block.downsample is not None) != (j == 0) or (
+                j == 0 and type(block.downsample).__name__ != "DownsampleConv"
+            ):
+                kind = type(block.downsample).__name__
+                problems.append(f"stages.{i}.blocks.{j}.downsample {kind}")
+            elif j == 0 and not isinstance(block.downsample.norm, nn.Identity):
+                problems.append(f"stages.{i}.blocks.0.downsample with a norm layer")
+            if problems:
+                return problems
+    return problems
+
+
+def bit_config_from_timm(timm_model: nn.Module) -> BiTConfig:
+    """The BiTConfig that computes what a timm BiT `ResNetV2` computes."""
+    problems = _bit_problems(timm_model)
+    if problems:
+        raise ValueError(
+            f"timm model uses {', '.join(problems)}, which vitexp's BiT does not implement; "
+            "only BiT's architecture (resnetv2_*_bit: pre-activation bottlenecks, GroupNorm, "
+            "weight standardisation, the fixed stem) converts"
+        )
+    chs = timm_model.stem.conv.out_channels
+    width_factor = chs // 64 if chs % 64 == 0 else 1
+    pretrained = getattr(timm_model, "pretrained_cfg", None) or {}
+    in_chans = timm_model.stem.conv.in_channels
+    norm = {
+        key: list(pretrained[key])
+        for key in ("mean", "std")
+        if len(pretrained.get(key) or ()) == in_chans
+    }
+    return BiTConfig(
+        name=pretrained.get("architecture", "timm"),
+        img_size=tuple(pretrained.get("input_size", (in_chans, 224, 224))[1:]),
+        in_chans=in_chans,
+        layers=[len(stage.blocks) for stage in timm_model.stages],
+        width=chs // width_factor,
+        width_factor=width_factor,
+        **norm,
+    )
+
+
+def convert_timm_bit_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a timm BiT ResNetV2 state dict to vitexp's names (the 1x1-conv head becomes
+    the linear head)."""
+    out = {}
+    for key, value in state_dict.items():
+        block = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+        if key.startswith(("stem.conv.", "norm.")):
+            out[key] = value
+        elif block:
+            rest = block[3].replace("downsample.conv.", "downsample.")
+            out[f"stages.{block[1]}.{block[2]}.{rest}"] = value
+        elif key in ("head.fc.weight", "head.fc.bias"):
+            out[key.replace("head.fc.", "head.")] = value.flatten(1) if value.ndim == 4 else value
+        else:
+            raise ValueError(f"timm weight {key!r} has no place in vitexp's BiT ResNet-v2")
+    return out
+
+
+def bit_from_timm(timm_model: nn.Module) -> ResNetV2:
+    """A vitexp BiT with the same weights and the same logits as a timm BiT ResNetV2."""
+    model = ResNetV2(bit_config_from_timm(timm_model), num_classes=timm_model.num_classes)
+    model.load_state_dict(convert_timm_bit_state_dict(timm_model.state_dict()))
     return model.train(timm_model.training)
 
 
@@ -184,15 +313,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_timm_weights(model: VisionTransformer, path: str | Path) -> VisionTransformer:
+def load_timm_weights(
+    model: VisionTransformer | ResNetV2, path: str | Path
+) -> VisionTransformer | ResNetV2:
     """Load a timm-format weight file into `model` (built with the matching size, e.g.
-    `create_model("vit_b16", img_size=384, num_classes=10)`).
+    `create_model("vit_b16", img_size=384, num_classes=10)`, or `create_model("bit_r50x1")`
+    for a `resnetv2_50x1_bit` file).
 
     Position embeddings are resampled to the model's resolution; a head whose class count
     differs (a fine-tune) is left as the model's own zero-initialised head, and a pre-logits
     layer the model lacks is dropped, as the paper does when fine-tuning.
     """
-    state = convert_timm_state_dict(read_state_dict(path), model)
+    if isinstance(model, ResNetV2):
+        state = convert_timm_bit_state_dict(read_state_dict(path))
+    else:
+        state = convert_timm_state_dict(read_state_dict(path), model)
     own = model.state_dict()
     for key in [k for k in state if k.startswith(("head.", "pre_logits."))]:
         if key not in own or own[key].shape != state[key].shape:

@@ -2,8 +2,8 @@
 
 `SIZES` is the one table of sizes: `create_model(name)` builds from it, and every entry
 is a `model=` choice of `vitexp.train` (registered by `vitexp.config`). A new size is one
-line here. A model family (the ViT; a CNN baseline later) is a config dataclass and the
-module built from it, listed in `FAMILIES`.
+line here. A model family (the ViT; BiT, the paper's CNN baseline) is a config dataclass
+(a `vitexp.models.common.ModelConfig`) and the module built from it, listed in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from vitexp.models.bit import BiTConfig, ResNetV2
 from vitexp.models.vit import VisionTransformer, ViTConfig
 
 
@@ -22,12 +23,20 @@ class Family:
     model: type  # nn.Module built as model(config, num_classes)
 
 
-FAMILIES: dict[str, Family] = {"vit": Family(ViTConfig, VisionTransformer)}
+FAMILIES: dict[str, Family] = {
+    "vit": Family(ViTConfig, VisionTransformer),
+    "bit": Family(BiTConfig, ResNetV2),
+}
 
 
 def vit(width: int, depth: int, heads: int, patch: int, **fields: Any) -> tuple[str, dict]:
     """A ViT size as the paper's Table 1 gives it (MLP size: 4 x width)."""
     return "vit", dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, **fields)
+
+
+def bit(layers: tuple[int, ...], width_factor: int = 1, **fields: Any) -> tuple[str, dict]:
+    """A BiT ResNet-v2 size: blocks per stage and width multiplier (BiT's R50x1 ...)."""
+    return "bit", dict(layers=list(layers), width_factor=width_factor, **fields)
 
 
 # name: (family, the fields that differ from the family's defaults)
@@ -43,6 +52,13 @@ SIZES: dict[str, tuple[str, dict[str, Any]]] = {
     "hybrid_r50_b16": vit(768, 12, 12, 1, stem="r50"),
     # tests and the embedded quickstart: 32 px images, 4 px patches (64 tokens), D=64
     "vit_tiny_debug": vit(64, 4, 4, 4, img_size=32),
+    # BiT ResNet-v2 (the paper's CNN baseline; BiT-L, its Table 2 column, is R152x4)
+    "bit_r50x1": bit((3, 4, 6, 3)),
+    "bit_r101x1": bit((3, 4, 23, 3)),
+    "bit_r152x2": bit((3, 8, 36, 3), 2),
+    "bit_r152x4": bit((3, 8, 36, 3), 4),
+    # tests and the embedded quickstart at 32 px: 2 stages of width 32, a 4 x 4 final map
+    "bit_tiny_debug": bit((2, 2), width=32, img_size=32),
 }
 
 

@@ -3,7 +3,8 @@
 The paper (section 3.1, "Hybrid Architecture") uses its BiT-style ResNet: group norm and
 weight-standardised convolutions, with stage 4 removed and its blocks moved to stage 3
 (layers 3, 4, 9), so the feature map has stride 16 and 1024 channels: at 224 px that is a
-14 x 14 map, i.e. 196 tokens, as for ViT-B/16.
+14 x 14 map, i.e. 196 tokens, as for ViT-B/16. Its blocks are those of `resnet.py`, shared
+with the BiT baseline.
 """
 
 from __future__ import annotations
@@ -11,55 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitexp.models.patch_embed import PatchEmbed, Size2d, check_input_size, to_2tuple
+from vitexp.models.resnet import Bottleneck, StdConv2d, gn, make_stages
 
 STRIDE = 16  # stem (4) x stage strides (1, 2, 2)
 LAYERS = (3, 4, 9)
 WIDTH = 64
-
-
-class StdConv2d(nn.Conv2d):
-    """Convolution with weight standardisation (Qiao et al.; BiT): zero-mean, unit-var kernels."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (w - mean) / sqrt(var + eps) per output channel, as one batch-norm kernel over the
-        # flattened kernels (biased variance, no running statistics)
-        w = self.weight.reshape(1, self.out_channels, -1)
-        w = F.batch_norm(w, None, None, training=True, momentum=0.0, eps=1e-5)
-        w = w.reshape_as(self.weight)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def gn(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-5)
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck 1x1 -> 3x3 (stride) -> 1x1, GN after each conv, projection shortcut."""
-
-    def __init__(self, in_chs: int, width: int, stride: int):
-        super().__init__()
-        out_chs = width * 4
-        self.conv1, self.gn1 = StdConv2d(in_chs, width, 1, bias=False), gn(width)
-        self.conv2 = StdConv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.gn2 = gn(width)
-        self.conv3, self.gn3 = StdConv2d(width, out_chs, 1, bias=False), gn(out_chs)
-        nn.init.zeros_(self.gn3.weight)  # each residual branch starts as identity
-        self.downsample = None
-        if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(
-                StdConv2d(in_chs, out_chs, 1, stride=stride, bias=False), gn(out_chs)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = F.relu(self.gn1(self.conv1(x)))
-        y = F.relu(self.gn2(self.conv2(y)))
-        y = self.gn3(self.conv3(y))
-        return F.relu(shortcut + y)
 
 
 class ResNetStages(nn.Module):
@@ -73,15 +33,7 @@ class ResNetStages(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
-        stages, in_chs = [], width
-        for i, n in enumerate(layers):
-            stage_width = width * 2**i
-            blocks = [Bottleneck(in_chs, stage_width, 1 if i == 0 else 2)]
-            blocks += [Bottleneck(stage_width * 4, stage_width, 1) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
-            in_chs = stage_width * 4
-        self.stages = nn.Sequential(*stages)
-        self.out_channels = in_chs
+        self.stages, self.out_channels = make_stages(Bottleneck, width, layers, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.root(x))

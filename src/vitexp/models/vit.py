@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from vitexp.models.common import ModelConfig
 from vitexp.models.patch_embed import PatchEmbed, Size2d, to_2tuple
 from vitexp.models.pos_embed import PosEmbedSpec, PositionEmbedding, RelativePositionBias
 
@@ -29,7 +30,7 @@ STEMS = ("patch", "r50")
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(ModelConfig):
     """Everything that defines a ViT: the `model` config node (`configs/model/` choices
     come from `vitexp.models.factory.SIZES`), saved with every checkpoint and compared
     when one is loaded. Checked on construction; `ValueError` names the field.
@@ -72,8 +73,7 @@ class ViTConfig:
     stem: str = "patch"
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # mean, std: from ModelConfig
 
     # what must agree between a pretrained checkpoint and the model fine-tuned from it
     # (resolution and head may differ: fine-tuning changes them)
@@ -110,23 +110,7 @@ class ViTConfig:
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be in [0.0, 1.0)")
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"mean/std need {self.in_chans} values (in_chans)")
-
-    def differences(self, other: ViTConfig, keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
-        """(key, self's value, other's value) for each of `keys` (dotted) that differs."""
-        out = []
-        for key in keys:
-            a, b = self, other
-            for part in key.split("."):
-                a, b = getattr(a, part), getattr(b, part)
-            if _as_tuple(a) != _as_tuple(b):
-                out.append((key, a, b))
-        return out
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+        self.check_mean_std(self.in_chans)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
