@@ -369,7 +369,7 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     on in-memory batches so that only the step is timed."""
     from hydra import compose, initialize_config_dir
 
-    from vitexp.config import CONFIG_DIR, validate
+    from vitexp.config import CONFIG_DIR, register_configs, validate
     from vitexp.module import ViTModule
     from vitexp.trainer import build_trainer, speed_switches
 
@@ -391,6 +391,7 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
         f"data.batch_size={case.batch}",
         f"data.num_classes={case.num_classes}",
     ]
+    register_configs()  # the model= choices (vitexp.train does it on import)
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         c = validate(compose("train", overrides=overrides))
     net = build_model(c.model, case.num_classes)

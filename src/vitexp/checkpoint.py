@@ -96,6 +96,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except Exception as err:
+            # Ctrl-C during the write: torch's zip writer then fails on closing ("unexpected
+            # pos") and that RuntimeError would hide the KeyboardInterrupt (a second Ctrl-C
+            # must stop the run as one, exit 130)
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise err.__context__ from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(path.parent)
