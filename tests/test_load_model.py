@@ -43,8 +43,10 @@ def test_a_format_1_record_loads_the_same(tmp_path: Path):
     old = {k: v for k, v in asdict(model.cfg).items() if k not in ("name", "mean", "std")}
     record = {"format": 1, "model_config": {**old, "num_classes": 5}}
     record.update(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2], grid_size=(4, 4))
+    record["model_name"] = "vit_tiny_debug"
     loaded = vitexp.load_model(save(tmp_path / "old.ckpt", record, net_state(model)))
     assert loaded.cfg.pool == "gap" and loaded.num_classes == 5
+    assert loaded.cfg.name == "vit_tiny_debug"
     assert loaded.cfg.mean == [0.5, 0.4, 0.3] and loaded.cfg.std == [0.2, 0.2, 0.2]
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)

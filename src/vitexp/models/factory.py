@@ -102,6 +102,8 @@ def config_from_record(record: dict[str, Any]) -> tuple[Any, int]:
     fields.pop("num_classes", None)
     family = FAMILIES[record.get("model_family", "vit")]
     cfg = family.config(**fields)
-    if "mean" not in fields and "mean" in record:  # old records kept them beside the config
+    if "mean" not in fields and "mean" in record:  # format 1 kept them beside the config
         cfg = replace(cfg, mean=list(record["mean"]), std=list(record["std"]))
+    if "name" not in fields and "model_name" in record:  # ... and the size's name
+        cfg = replace(cfg, name=record["model_name"])
     return cfg, int(num_classes)
