@@ -31,6 +31,7 @@ from vitexp.config import validate
 from vitexp.errors import CheckpointError
 from vitexp.models import VisionTransformer, ViTConfig, build_model
 from vitexp.models.factory import config_from_record, model_record
+from vitexp.models.resnet import PreActBottleneck
 from vitexp.models.vit import Block
 from vitexp.rundir import resolve_run_dir
 from vitexp.trainer import ShardedStrategy, build_strategy, build_trainer
@@ -132,7 +133,8 @@ def test_trainer_fsdp_wraps_each_block_and_writes_full_checkpoints_atomically(tm
     strategy = trainer.strategy
     assert isinstance(strategy, ShardedStrategy) and strategy._state_dict_type == "full"
     policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
+    assert isinstance(policy, ModuleWrapPolicy)
+    assert policy._module_classes == {Block, PreActBottleneck}  # one unit per block, any family
     assert isinstance(strategy.checkpoint_io, AtomicCheckpointIO)  # Lightning saves `full` so
     c.trainer.fsdp_state_dict = "sharded"
     assert build_strategy(c.trainer)._state_dict_type == "sharded"
