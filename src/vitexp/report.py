@@ -99,6 +99,15 @@ class Job:
     axes: dict[str, object] = field(default_factory=dict)  # its value of each swept axis
 
 
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation over seeds (None for fewer than two)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 @dataclass
 class Cell:
     values: list[float] = field(default_factory=list)
@@ -109,19 +118,19 @@ class Cell:
 
     @property
     def mean(self) -> float | None:
-        return float(np.mean(self.values)) if self.values else None
+        return _mean(self.values)
 
     @property
     def std(self) -> float | None:
-        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
+        return _std(self.values)
 
     @property
     def test_mean(self) -> float | None:
-        return float(np.mean(self.test_accs)) if self.test_accs else None
+        return _mean(self.test_accs)
 
     @property
     def test_std(self) -> float | None:
-        return float(np.std(self.test_accs, ddof=1)) if len(self.test_accs) > 1 else None
+        return _std(self.test_accs)
 
     @property
     def images(self) -> int | None:

@@ -195,15 +195,19 @@ def _interrupted_by_user(trainer: L.Trainer) -> bool:
     return any(isinstance(cb, PreemptionCheckpoint) and cb.interrupted for cb in trainer.callbacks)
 
 
+def global_batch(c: TrainConfig, trainer: L.Trainer) -> int:
+    """Images per optimizer step: per device x devices x accumulation."""
+    return c.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+
 def training_facts(trainer: L.Trainer, c: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """What the fit did: steps, batch, epochs, best validation score and checkpoints."""
     best = trainer.checkpoint_callbacks[0]
-    batch = c.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     return {
         "best_val_acc": None if best.best_model_score is None else float(best.best_model_score),
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
-        "global_batch_size": batch,
+        "global_batch_size": global_batch(c, trainer),
         "epochs": trainer.current_epoch,
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "best_checkpoint": best.best_model_path or None,
@@ -223,7 +227,7 @@ def describe_run(
     t, m = c.trainer, c.model
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.max_epochs} epochs"
     precision, compiled = speed_switches(t)
-    batch = c.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    batch = global_batch(c, trainer)
     pos = pos_embed_record(m)
     variant = f" ({pos['kind']}/{pos['placement']}, {m.pool})" if pos else ""
     return (
