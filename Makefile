@@ -26,14 +26,17 @@ install: $(VENV)/.installed  ## create .venv and install vitexp (editable) with 
 # hand go to outputs/quickstart_pretrain/<date_time>/)
 QUICKSTART := outputs/quickstart_pretrain/quickstart
 ARGS ?=
+# Without a GPU, the quickstart pretraining runs as 2 CPU processes (DDP over gloo, one
+# thread each): ~1.6x faster than one process on 2 cores for a model this small.
+CPU_DDP = $$($(PY) -c "import os, torch; print('' if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 else 'trainer=ddp trainer.accelerator=cpu')")
 
 pretrain: $(VENV)/.installed  ## pretrain the tiny ViT on `shapes` (dataset A); resumes if interrupted
 	@if [ -f $(QUICKSTART)/results.json ]; then \
 		echo "pretrained model exists: $(QUICKSTART)/checkpoints/last.ckpt (make clean-runs to redo)"; \
 	elif [ -e $(QUICKSTART)/checkpoints/last.ckpt ]; then \
-		$(PY) -m vitexp.train +experiment=quickstart_pretrain hydra.run.dir=$(QUICKSTART) ckpt_path=last; \
+		$(PY) -m vitexp.train +experiment=quickstart_pretrain $(CPU_DDP) hydra.run.dir=$(QUICKSTART) ckpt_path=last; \
 	else \
-		$(PY) -m vitexp.train +experiment=quickstart_pretrain hydra.run.dir=$(QUICKSTART); \
+		$(PY) -m vitexp.train +experiment=quickstart_pretrain $(CPU_DDP) hydra.run.dir=$(QUICKSTART); \
 	fi
 
 finetune: pretrain  ## the main job: pretrain if needed, fine-tune on digits (dataset B), print the test accuracy
@@ -43,6 +46,9 @@ sweep: $(VENV)/.installed  ## the position-embedding ablation (paper's Table 8) 
 	@dir=$${SWEEP_DIR:-multirun/ablation_posemb/$$(date +%Y-%m-%d_%H-%M-%S)}; \
 	$(PY) -m vitexp.train +experiment=ablation_posemb hydra.sweep.dir=$$dir $(ARGS) && \
 	$(PY) -m vitexp.report $$dir
+
+reproduce: $(VENV)/.installed  ## the paper's experiments on embedded data (~80 min, 2 cores; resumable) -> outputs/reproduce/report.html
+	$(PY) -m vitexp.reproduce --out outputs/reproduce $(ARGS)
 
 visualize: pretrain  ## the paper's four figures of the quickstart checkpoint -> $(QUICKSTART)/figures/
 	$(PY) -m vitexp.visualize pretrained=$(QUICKSTART)/checkpoints/last.ckpt $(ARGS)
@@ -82,4 +88,4 @@ clean-runs:  ## DELETE all run outputs: outputs/ and multirun/ (checkpoints incl
 distclean: clean  ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install pretrain finetune sweep visualize scratch gpu-check bench test test-fast lint format clean clean-runs distclean
+.PHONY: help install pretrain finetune sweep reproduce visualize scratch gpu-check bench test test-fast lint format clean clean-runs distclean

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import pickle
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -130,6 +132,43 @@ def test_shapes_deterministic_by_seed_and_split():
     assert np.array_equal(pixels(0), pixels(0))
     assert not np.array_equal(pixels(0), pixels(1))
     assert not np.array_equal(pixels(0), pixels(0, "val"))
+
+
+def test_shapes_cache_file_holds_the_same_images_and_is_made_once(tmp_path: Path):
+    plain = shapes_lib.ShapesDataset(40, 32, (32, 32), 3, "val")
+    cached = shapes_lib.ShapesDataset(40, 32, (32, 32), 3, "val", tmp_path)
+    [file] = tmp_path.iterdir()
+    assert file.name == "shapes-v1-val-seed3-32c-32x32-40.npy"
+    made = file.stat().st_mtime_ns
+    again = pickle.loads(
+        pickle.dumps(shapes_lib.ShapesDataset(40, 32, (32, 32), 3, "val", tmp_path))
+    )
+    assert file.stat().st_mtime_ns == made and list(tmp_path.iterdir()) == [file]  # reused
+    for i in (0, 17, 39):
+        a, b, c = plain[i], cached[i], again[i]
+        assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1] == c[1]
+        assert np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    file.write_bytes(b"not an array")  # damaged (or from an older render): made again
+    fixed = shapes_lib.ShapesDataset(40, 32, (32, 32), 3, "val", tmp_path)
+    assert np.array_equal(np.asarray(fixed[5][0]), np.asarray(plain[5][0]))
+
+
+def test_fused_tensor_step_equals_torchvision_and_marks_randomness():
+    from torchvision.transforms import v2
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    reference = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
+    fused = build_transforms(NO_AUG, (20, 30), mean, std, train=True)
+    assert torch.allclose(fused(img), reference(img), atol=1e-6)
+    assert torch.allclose(fused(img.convert("L")), reference(img.convert("L").convert("RGB")))
+    assert (
+        not fused.is_random
+        and not build_transforms(AugmentConfig(), (8, 8), mean, std, False).is_random
+    )
+    assert build_transforms(AugmentConfig(), (8, 8), mean, std, True).is_random
 
 
 def test_shapes_labels_names_and_class_limits():

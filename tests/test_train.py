@@ -28,6 +28,7 @@ TINY = [
     "data.shapes.num_test=32",
     "data.num_workers=0",
     "data.batch_size=32",
+    "data.global_batch_size=null",
     "model.depth=2",
     "model.embed_dim=32",
     "trainer.max_steps=4",
@@ -75,7 +76,7 @@ def test_pretrain_writes_config_checkpoints_logs_results(pretrained: Path):
     assert "train/loss" in metrics and "val/acc" in metrics
     ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)
     model = load_model(pretrained / "checkpoints" / "last.ckpt")
-    assert model.grid_size == (8, 8) and model.num_prefix_tokens == 1 and not model.training
+    assert model.grid_size == (4, 4) and model.num_prefix_tokens == 1 and not model.training
     assert ckpt["global_step"] == 4
     figures = {p.name for p in (pretrained / "figures").iterdir()}
     assert {
@@ -91,9 +92,15 @@ def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):
     results = train(tmp_path / "ft", *FINETUNE, f"pretrained={pretrained}/checkpoints/last.ckpt")
     assert results["stage"] == "finetune" and results["pretrained_data"] == "shapes"
     ckpt = torch.load(Path(results["checkpoint"]), weights_only=True)
-    assert load_model(results["checkpoint"]).grid_size == (12, 12)  # 48 px / 4 px patches
-    assert ckpt["state_dict"]["net.encoder.pos_embeds.0.weight"].shape == (1, 145, 32)
+    assert load_model(results["checkpoint"]).grid_size == (6, 6)  # 48 px / 8 px patches
+    assert ckpt["state_dict"]["net.encoder.pos_embeds.0.weight"].shape == (1, 37, 32)
     assert ckpt["state_dict"]["net.head.weight"].shape == (10, 32)
+    # digits: the raw-pixel baselines on the same split, beside the run's own accuracy
+    baselines = results["baselines"]
+    assert set(baselines) == {"logistic_regression", "rbf_svm"}
+    assert 0.9 < baselines["logistic_regression"] < baselines["rbf_svm"] <= 1.0
+    log = (tmp_path / "ft" / "train.log").read_text()
+    assert "raw-pixel baselines: logistic regression 0.97" in log
 
 
 CELLS = [*VALID_CELLS, ("sincos_2d", "every_layer")]

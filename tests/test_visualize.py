@@ -35,6 +35,7 @@ from vitexp.viz.compute import (
     attention_rollout,
     embedding_filter_pcs,
     embedding_filters,
+    grid_structure,
     mean_attention_distance,
     patch_boxes,
     pos_embed_similarity,
@@ -166,6 +167,19 @@ def test_learned_2d_similarity_shows_rows_and_columns_in_the_patch_layout():
     assert np.isnan(mosaic[2]).all() and np.isnan(mosaic[:, 3]).all()
 
 
+def test_grid_structure_measures_closeness_and_rows_and_columns():
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    r, c = rows.reshape(-1), cols.reshape(-1)
+    smooth = torch.exp(-torch.cdist(torch.stack([r, c], 1), torch.stack([r, c], 1)))
+    s = grid_structure(smooth, (4, 4))
+    assert s["neighbours"] == pytest.approx(math.exp(-1))
+    assert s["neighbours_minus_far"] > 0.3 and s["same_row_col_minus_other"] > 0
+    lines = ((r[:, None] == r[None]) | (c[:, None] == c[None])).float()  # rows/columns only
+    assert grid_structure(lines, (4, 4))["same_row_col_minus_other"] == pytest.approx(1.0)
+    flat = grid_structure(torch.full((16, 16), 0.3), (4, 4))
+    assert flat["neighbours_minus_far"] == 0 and flat["same_row_col_minus_other"] == 0
+
+
 def test_every_layer_draws_the_first_and_the_chosen_table():
     model = tiny_vit(depth=3, pos_embed={"kind": "learned_1d", "placement": "every_layer"})
     tables = position_tables(model, 2)
@@ -270,6 +284,15 @@ def test_command_writes_the_figures_beside_the_checkpoints(tmp_path: Path):
     assert np.array(report["embedding_filters"]["components"]).shape == (28, 3, 8, 8)
     [table] = report["pos_embed_similarity"]["tables"]
     assert np.allclose(np.diag(table["similarity"]), 1.0, atol=1e-4)
+    sim = torch.tensor(table["similarity"])
+    expected = grid_structure(sim, (4, 4))["neighbours_minus_far"]
+    assert table["neighbours_minus_far"] == pytest.approx(expected, abs=1e-4)
+    distance = report["attention_distance"]
+    per_layer = np.array(distance["distance"]).mean(axis=1)
+    assert np.allclose(distance["mean_per_layer"], per_layer, atol=1e-3)
+    assert distance["last_minus_first_layer"] == pytest.approx(
+        per_layer[-1] - per_layer[0], abs=2e-3
+    )
 
 
 def test_command_error_is_one_line(tmp_path: Path):

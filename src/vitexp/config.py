@@ -56,6 +56,7 @@ class ShapesConfig:
     num_train: int = 20_000
     num_val: int = 1_000
     num_test: int = 2_000
+    cache_dir: str | None = None  # render each split once into a .npy file here (reused)
 
 
 @dataclass

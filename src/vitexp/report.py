@@ -354,6 +354,8 @@ def summarise(jobs: list[Job]) -> tuple[dict[tuple[str, str], Cell], str | None]
         if j.status == "done" and j.value is not None:
             cell.values.append(j.value)
             cell.seeds.append(j.seed)
+        if j.status == "done" and j.test_acc is not None:
+            cell.test_accs.append(j.test_acc)
     return cells, (metrics.most_common(1)[0][0] if metrics else None)
 
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from vitexp import rundir
+from vitexp.baselines import BASELINE_SOURCES, pixel_baselines, side_by_side
 from vitexp.callbacks import PreemptionCheckpoint, requeue_count, slurm_job_id
 from vitexp.checkpoint import check_resumable, load_pretrained, read_checkpoint, resolve_pretrained
 from vitexp.cli import in_multirun, one_line, run_cli, single_run_errors
@@ -93,6 +94,9 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     fit(trainer, module, data, run_dir, resume)
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
+    baselines = None
+    if c.data.source in BASELINE_SOURCES and c.data.subset is None and trainer.is_global_zero:
+        baselines = pixel_baselines(*map(data.raw_split, ("train", "val", "test")))
 
     results = {
         "status": "done",
@@ -108,6 +112,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in tested.items()},
         "fewshot": fewshot,
         "fewshot_report": f"{c.fewshot.data.name}/{c.fewshot.report_shot}shot" if fewshot else None,
+        "baselines": baselines,
         **training_facts(trainer, c, run_dir),
         "pretrained": str(pretrained) if pretrained else None,
         "pretrained_data": pretrained_meta.get("data"),
@@ -130,6 +135,8 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
             results["wall_time_s"],
             run_dir,
         )
+        if baselines is not None:
+            log.info("%s", side_by_side(results["metrics"]["test/acc"], baselines, c.data.name))
     rundir.stop_logging_to_file()
     return results
 

@@ -39,6 +39,7 @@ from vitexp.viz.compute import (
     attention_rollout,
     embedding_filter_pcs,
     embedding_filters,
+    grid_structure,
     mean_attention_distance,
     pos_embed_similarity,
     position_tables,
@@ -151,7 +152,8 @@ def _pos_embed_view(model, layer: int) -> tuple[bytes, dict]:
     for i, table in position_tables(model, layer):
         sim = pos_embed_similarity(table)
         panels.append((labels.get(spec.placement, f"layer {i}'s table"), sim))
-        tables.append({"layer": i, "similarity": _rounded(sim)})
+        structure = {k: round(v, 5) for k, v in grid_structure(sim, model.grid_size).items()}
+        tables.append({"layer": i, **structure, "similarity": _rounded(sim)})
     title = (
         f"Position embedding similarity ({describe(spec)}): cosine similarity of each patch's\n"
         "embedding (tile at its row, column) to every patch's (class token excluded)"
@@ -168,7 +170,14 @@ def _distance_view(model, maps, boxes) -> tuple[bytes, dict]:
         f"Mean attention distance per head ({images} images, {h}x{w} px, "
         f"{boxes.shape[0]} patches; class token excluded)"
     )
-    data = {"unit": "pixels", "num_images": images, "distance": _rounded(distance)}
+    per_layer = distance.mean(dim=1)  # the claim: attention distance grows with depth
+    data = {
+        "unit": "pixels",
+        "num_images": images,
+        "mean_per_layer": _rounded(per_layer, 3),
+        "last_minus_first_layer": round(float(per_layer[-1] - per_layer[0]), 3),
+        "distance": _rounded(distance),
+    }
     return plots.png_bytes(plots.draw_attention_distance(distance, title)), data
 
 

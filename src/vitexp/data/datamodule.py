@@ -211,6 +211,10 @@ class ImageDataModule(L.LightningDataModule):
         ds = self._map_style(split)
         return Transformed(ds, self._transform(train=augment))
 
+    def raw_split(self, split: str) -> Dataset:
+        """Map-style (PIL image, label) of a split, untransformed (pixel baselines)."""
+        return self._map_style(split)
+
     def split_labels(self, split: str) -> torch.Tensor:
         """int64 labels of a map-style split, without decoding any image."""
         return torch.as_tensor(self._map_style(split).labels, dtype=torch.int64)
@@ -316,7 +320,7 @@ def _apply(transform, item: tuple[Any, int], seed: int | None):
     img, label = item
     if img is None:  # corrupt and skipped: Collate drops it
         return None
-    if seed is None:
+    if seed is None or not getattr(transform, "is_random", True):
         return transform(img), label
     # the transforms draw from the CPU generator: seed it alone (torch.manual_seed would also
     # reseed CUDA), and leave it as it was afterwards

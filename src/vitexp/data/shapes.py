@@ -11,13 +11,18 @@ Half of the 16 types are strokes of varied width (outlines, crosses, bars, arcs,
 waves) and a third of the images are greyscale, so the features carry over to handwritten
 digits.
 
-Image `i` of a split is made from `np.random.default_rng([seed, split_id, i])` when it is
-read: nothing is stored and the result does not depend on workers or read order.
+Image `i` of a split is made from `np.random.default_rng([seed, split_id, i])`, so the
+result does not depend on workers or read order. Rendering costs ~0.5 ms an image, so the
+pixels are kept: with `cache_dir` (data.shapes.cache_dir), a split is rendered once into a
+.npy file there that every later run and loader worker maps (a sweep renders nothing);
+without it, each worker keeps the images it made (up to 1 GiB a split) for later epochs.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,6 +50,8 @@ REGIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
 MAX_CLASSES = len(SHAPE_TYPES) * len(REGIONS)  # 64
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _MAX_NATIVE = 64  # larger img_size: render at <= 64 px and let the transform upsample
+_CACHE_BYTES = 1 << 30  # without cache_dir, a larger split is rendered on every read
+RENDER_VERSION = 1  # part of the cache file's name: bump it when render() changes
 _TILT = math.radians(15)  # rotation jitter; small enough that plus != x, square != diamond
 
 
@@ -74,6 +81,7 @@ class ShapesDataset(Dataset):
         img_size: tuple[int, int],
         seed: int,
         split: str = "train",
+        cache_dir: str | Path | None = None,
     ) -> None:
         if not 1 <= num_classes <= MAX_CLASSES:
             raise ValueError(f"shapes has 1..{MAX_CLASSES} classes, not {num_classes}")
@@ -82,14 +90,68 @@ class ShapesDataset(Dataset):
         self.seed = seed
         self.split_id = SPLIT_IDS[split]
         self.labels = np.arange(num_images, dtype=np.int64) % num_classes
+        h, w = self.size
+        self.cache_file = None
+        if cache_dir is not None:
+            what = f"{split}-seed{seed}-{num_classes}c-{h}x{w}-{num_images}"
+            self.cache_file = Path(cache_dir) / f"shapes-v{RENDER_VERSION}-{what}.npy"
+            if num_images and not self._cached_file_ok():
+                self._render_to_file()
+        self._pixels: np.ndarray | None = None  # the cache file, mapped on first read
+        small = num_images * h * w * 3 <= _CACHE_BYTES
+        self._made: dict[int, np.ndarray] | None = {} if small and cache_dir is None else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}  # a worker maps the file itself
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        index = int(index)
+        label = int(self.labels[index])
+        if self.cache_file is not None:
+            if self._pixels is None:
+                self._pixels = np.load(self.cache_file, mmap_mode="r")
+            return Image.fromarray(np.array(self._pixels[index])), label
+        pixels = None if self._made is None else self._made.get(index)
+        if pixels is None:
+            pixels = self.render(index)
+            if self._made is not None:
+                self._made[index] = pixels
+        return Image.fromarray(pixels), label
+
+    def render(self, index: int) -> np.ndarray:
+        """Image `index` as uint8 (H, W, 3)."""
         label = int(self.labels[index])
         rng = np.random.default_rng([self.seed % 2**64, self.split_id, int(index)])
-        return render(label // 4, label % 4, self.size, rng), label
+        return np.asarray(render(label // 4, label % 4, self.size, rng))
+
+    def _cached_file_ok(self) -> bool:
+        try:
+            pixels = np.load(self.cache_file, mmap_mode="r")
+        except (OSError, ValueError):  # missing, or damaged: rendered again
+            return False
+        return pixels.shape == (len(self.labels), *self.size, 3) and pixels.dtype == np.uint8
+
+    def _render_to_file(self) -> None:
+        """Render every image into the cache file (atomically: a concurrent run or a crash
+        never leaves a partial file under the final name)."""
+        import logging
+
+        logging.getLogger("vitexp").info(
+            "shapes: rendering %d images once into %s", len(self.labels), self.cache_file
+        )
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        part = self.cache_file.with_name(f"{self.cache_file.stem}.{os.getpid()}.part.npy")
+        pixels = np.lib.format.open_memmap(
+            part, mode="w+", dtype=np.uint8, shape=(len(self.labels), *self.size, 3)
+        )
+        for i in range(len(self.labels)):
+            pixels[i] = self.render(i)
+        pixels.flush()
+        del pixels
+        os.replace(part, self.cache_file)
 
 
 def render(shape: int, region: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:

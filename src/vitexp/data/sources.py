@@ -169,7 +169,7 @@ def load_shapes(cfg: DataConfig, img_size: tuple[int, int]) -> Splits:
         )
     sizes = {"train": cfg.shapes.num_train, "val": cfg.shapes.num_val, "test": cfg.shapes.num_test}
     made = [
-        shapes_lib.ShapesDataset(n, num_classes, img_size, cfg.seed, split)
+        shapes_lib.ShapesDataset(n, num_classes, img_size, cfg.seed, split, cfg.shapes.cache_dir)
         for split, n in sizes.items()
     ]
     return Splits(*made, shapes_lib.class_names(num_classes), "data.source=shapes")

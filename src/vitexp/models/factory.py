@@ -50,14 +50,17 @@ SIZES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_h14": vit(1280, 32, 16, 14),
     # R50+ViT-B/16 (paper 3.1): ViT-B on the ResNet-50 feature map (stride 16), 1x1 patches
     "hybrid_r50_b16": vit(768, 12, 12, 1, stem="r50"),
-    # tests and the embedded quickstart: 32 px images, 4 px patches (64 tokens), D=64
+    # tests: 32 px images, 4 px patches (64 tokens), D=64
     "vit_tiny_debug": vit(64, 4, 4, 4, img_size=32),
+    # the embedded experiments (quickstart, Table 8, data size): the same with 8 px patches,
+    # 16 tokens: 4x cheaper, so each run learns `shapes` within minutes on 2 CPU cores
+    "vit_tiny_p8": vit(64, 4, 4, 8, img_size=32),
     # BiT ResNet-v2 (the paper's CNN baseline; BiT-L, its Table 2 column, is R152x4)
     "bit_r50x1": bit((3, 4, 6, 3)),
     "bit_r101x1": bit((3, 4, 23, 3)),
     "bit_r152x2": bit((3, 8, 36, 3), 2),
     "bit_r152x4": bit((3, 8, 36, 3), 4),
-    # tests and the embedded quickstart at 32 px: 2 stages of width 32, a 4 x 4 final map
+    # tests and the embedded data-size experiment at 32 px: 2 stages of width 32, 4 x 4 map
     "bit_tiny_debug": bit((2, 2), width=32, img_size=32),
 }
 

@@ -124,6 +124,36 @@ def pos_embed_similarity(table: torch.Tensor) -> torch.Tensor:
     return (t @ t.T).float()
 
 
+def grid_structure(similarity: torch.Tensor, grid_size: Size2d) -> dict[str, float]:
+    """The numbers behind "position embeddings learn 2-D structure" (the paper's Fig. 7
+    centre), from an (N, N) similarity of a rows x cols grid's patches (self pairs left out):
+
+    neighbours_minus_far: mean similarity to the 4 adjacent patches minus to the far ones
+        (grid distance >= half the longer side); > 0: close patches have similar embeddings.
+    same_row_col_minus_other: mean similarity to the patches in the same row or column
+        minus to the others; > 0: the row/column structure the paper shows.
+    """
+    rows, cols = grid_size
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    r, c = r.reshape(-1).double(), c.reshape(-1).double()
+    dr, dc = (r[:, None] - r[None]).abs(), (c[:, None] - c[None]).abs()
+    dist = torch.sqrt(dr**2 + dc**2)
+    other = ~torch.eye(rows * cols, dtype=torch.bool)
+    same_line = ((dr == 0) | (dc == 0)) & other
+    s = similarity.double()
+
+    def mean(mask: torch.Tensor) -> float:
+        return float(s[mask].mean()) if mask.any() else float("nan")
+
+    far = dist >= max(rows, cols) / 2
+    return {
+        "neighbours": mean(dist == 1),
+        "far": mean(far),
+        "neighbours_minus_far": mean(dist == 1) - mean(far),
+        "same_row_col_minus_other": mean(same_line) - mean(other & ~same_line),
+    }
+
+
 def similarity_mosaic(similarity: torch.Tensor, grid_size: Size2d, gap: int = 1) -> np.ndarray:
     """Lay out an (N, N) similarity as the paper does: a rows x cols grid of tiles, tile
     (i, j) the rows x cols map of patch (i, j)'s similarity to every patch; NaN between."""

@@ -1,0 +1,277 @@
+"""report.html of `make reproduce`: one self-contained page (every image inlined as a data
+URI, no script, no network) that a browser opens offline.
+
+Its tables hold, in each data cell (<td>), a number or N/A; names are header cells (<th>).
+Sections: the claims and their verdicts (vitexp.claims), the quickstart against the pixel
+baselines and training from scratch, Table 8, the data-size experiment, the four figures,
+the timings, and the configs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from vitexp.claims import judge
+from vitexp.files import write_atomic
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222 }
+table { border-collapse: collapse; margin: 0.6em 0 1.4em }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right }
+th { background: #f3f3f3 } th.name { text-align: left }
+td.held { background: #e3f4e3 } td.not { background: #fbe4e4 }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0 }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 12px }
+.note { color: #555 }
+"""
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text))
+
+
+def num(value: float | int | None, digits: int = 4) -> str:
+    """A table cell: the number, or N/A when there is none."""
+    if value is None:
+        return "N/A"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def img(path: Path, alt: str) -> str:
+    """An <img> with the PNG inlined; a note when the file is missing."""
+    if not path.is_file():
+        return f'<p class="note">({esc(alt)}: {esc(path.name)} was not written)</p>'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def table(head: list[str], rows: list[tuple[str, list[str]]], name_head: str = "") -> str:
+    """rows: (header cell, data cells already formatted by `num`)."""
+    out = ["<table><tr>", f'<th class="name">{esc(name_head)}</th>']
+    out += [f"<th>{esc(h)}</th>" for h in head] + ["</tr>"]
+    for name, cells in rows:
+        out.append(f'<tr><th class="name">{esc(name)}</th>')
+        out += [f"<td>{esc(c)}</td>" for c in cells] + ["</tr>"]
+    return "".join(out) + "</table>"
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def claims_section(claims: list) -> str:
+    rows = ["<table><tr><th class='name'>claim</th><th class='name'>paper</th>"]
+    rows.append("<th class='name'>measured here</th><th class='name'>verdict</th></tr>")
+    for c in claims:
+        css = {True: "held", False: "not"}.get(c.held, "")
+        rows.append(
+            f"<tr><th class='name'>{esc(c.claim)}</th><th class='name'>{esc(c.paper)}</th>"
+            f"<th class='name'>{esc(c.measured)}</th><th class='name {css}'>{c.verdict}</th></tr>"
+        )
+    return "<h2>The paper's claims on the embedded data</h2>" + "".join(rows) + "</table>"
+
+
+def quickstart_section(out: Path) -> str:
+    q = out / "quickstart"
+    pre, fine, scratch = (
+        read_json(q / n / "results.json") for n in ("pretrain", "finetune", "scratch")
+    )
+    rows = []
+    if pre:
+        rows.append(
+            (
+                "pretrain on shapes (dataset A)",
+                [
+                    num(pre["metrics"].get("test/acc")),
+                    num(pre["steps"]),
+                    num(pre["wall_time_s"], 0),
+                ],
+            )
+        )
+    if fine:
+        rows.append(
+            (
+                "fine-tune on digits (dataset B)",
+                [
+                    num(fine["metrics"].get("test/acc")),
+                    num(fine["steps"]),
+                    num(fine["wall_time_s"], 0),
+                ],
+            )
+        )
+        for name, acc in (fine.get("baselines") or {}).items():
+            rows.append(
+                (f"{name.replace('_', ' ')} on raw pixels (train+val)", [num(acc), "N/A", "N/A"])
+            )
+    if scratch:
+        rows.append(
+            (
+                "digits from scratch, same model and steps",
+                [
+                    num(scratch["metrics"].get("test/acc")),
+                    num(scratch["steps"]),
+                    num(scratch["wall_time_s"], 0),
+                ],
+            )
+        )
+    body = table(["test accuracy", "steps", "seconds"], rows, "run") if rows else "<p>not run</p>"
+    return "<h2>Quickstart: pretrain, fine-tune, baselines</h2>" + body
+
+
+def table8_section(out: Path, cells: dict, metric: str) -> str:
+    from vitexp.report import COLUMNS, PAPER, ROWS, rows_in
+
+    head = [f"{p}: {s}" for p in COLUMNS.values() for s in ("mean", "std")]
+    rows, test_rows, paper_rows = [], [], []
+    for kind in rows_in(cells):
+        few, test, paper = [], [], []
+        for placement in COLUMNS:
+            c = cells.get((kind, placement))
+            few += [num(c.mean if c else None), num(c.std if c else None)]
+            test += [num(c.test_mean if c else None), num(c.test_std if c else None)]
+            paper.append(num(PAPER.get((kind, placement)), 5))
+        rows.append((ROWS[kind], few))
+        test_rows.append((ROWS[kind], test))
+        paper_rows.append((ROWS[kind], paper))
+    return (
+        "<h2>Table 8: position embeddings</h2>"
+        f"<p>Few-shot linear accuracy on dataset B ({esc(metric)}), mean and std over seeds "
+        "(N/A: the paper's N/A cells, or no finished run).</p>"
+        + table(head, rows, "Pos. Emb.")
+        + "<p>Test accuracy on dataset A (shapes; 32 classes, chance 0.031; without a "
+        "position embedding at most 0.25: a quadrant is a class).</p>"
+        + table(head, test_rows, "Pos. Emb.")
+        + "<p>The paper's Table 8 (ViT-B/16 on JFT, 5-shot ImageNet linear).</p>"
+        + table(list(COLUMNS.values()), paper_rows, "Pos. Emb.")
+        + img(out / "table8" / "table.png", "Table 8 chart")
+    )
+
+
+def scaling_section(out: Path, cells: dict, metric: str) -> str:
+    rows = []
+    for key, c in cells.items():
+        rows.append(
+            (
+                f"{key[0]}, subset {key[-1]}",
+                [
+                    num(c.images),
+                    num(c.mean),
+                    num(c.std),
+                    num(c.test_mean),
+                    num(c.test_std),
+                    num(len(c.values)),
+                ],
+            )
+        )
+    head = ["train images", f"{metric} mean", "std", "dataset A test mean", "std", "seeds"]
+    return (
+        "<h2>Data size: ViT against the BiT ResNet (Figure 4)</h2>"
+        + table(head, rows, "model, data.subset")
+        + img(out / "data_scaling" / "table.png", "data scaling chart")
+    )
+
+
+def figures_section(out: Path) -> str:
+    d = out / "quickstart" / "pretrain" / "figures"
+    names = {
+        "attention_maps.png": "Attention maps in input space (Fig. 6)",
+        "embedding_filters.png": "Embedding filters (Fig. 7 left)",
+        "pos_embed_similarity.png": "Position-embedding similarity (Fig. 7 centre)",
+        "attention_distance.png": "Mean attention distance (Fig. 7 right)",
+    }
+    parts = [f"<h3>{esc(title)}</h3>" + img(d / name, title) for name, title in names.items()]
+    return "<h2>The figures of the quickstart model</h2>" + "".join(parts)
+
+
+def timing_section(out: Path, jobs: list, timing: dict[str, Any]) -> str:
+    records = {j.key: read_json(out / j.study / j.name / "results.json") or {} for j in jobs}
+    rows = [
+        (key, [num(r.get("wall_time_s"), 0), num(r.get("steps"))]) for key, r in records.items()
+    ]
+    total = sum(r.get("wall_time_s") or 0 for r in records.values())
+    head = (
+        f"<p>{len(jobs)} jobs, {total / 60:.1f} min of job time in all, "
+        f"{timing['jobs_in_parallel']} at a time; this call took "
+        f"{timing['wall_s_this_call'] / 60:.1f} min. Machine: {esc(machine())}.</p>"
+    )
+    return "<h2>Timings</h2>" + head + table(["seconds", "steps"], rows, "job")
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def configs_section(out: Path, jobs: list) -> str:
+    parts = [
+        "<h2>Configs</h2><p>Each study's first job's resolved config.yaml; the other "
+        "jobs differ only by their overrides, listed.</p>"
+    ]
+    seen = set()
+    for j in jobs:
+        if j.study in seen:
+            continue
+        seen.add(j.study)
+        config = out / j.study / j.name / "config.yaml"
+        text = config.read_text() if config.is_file() else "(not run)"
+        parts.append(f"<h3>{esc(j.study)}: {esc(j.name)}</h3><pre>{esc(text)}</pre>")
+    listing = "\n".join(f"{j.key}: {' '.join(j.overrides)}" for j in jobs)
+    return "".join(parts) + f"<h3>Every job's overrides</h3><pre>{esc(listing)}</pre>"
+
+
+def write_report(out: Path, jobs: list, timing: dict[str, Any]) -> Path:
+    """Write out/report.html (and claims.json) from the finished studies."""
+    from vitexp import report
+
+    t8 = report.collect(out / "table8") if (out / "table8").is_dir() else []
+    t8_cells, t8_metric = report.summarise(t8) if t8 else ({}, None)
+    sc_cells, sc_metric = {}, None
+    if (out / "data_scaling").is_dir():
+        jobs_sc = report.collect(out / "data_scaling")
+        axes, _ = report.find_axes(jobs_sc)
+        s = report.summarise_axes(jobs_sc, axes, "scaling")
+        sc_cells, sc_metric = s.cells, s.metric
+    metric = t8_metric or sc_metric or "few-shot"
+    figures = read_json(out / "quickstart" / "pretrain" / "figures" / "figures.json")
+    claims = judge(t8_cells, sc_cells, figures, metric)
+    write_atomic(
+        out / "claims.json",
+        json.dumps([{**c.__dict__, "verdict": c.verdict} for c in claims], indent=2) + "\n",
+    )
+    body = [
+        f"<h1>vitexp: the ViT paper's experiments on the embedded data</h1>"
+        f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M')} by `make reproduce` "
+        f"({esc(out)}). Dataset A: procedural shapes; dataset B: scikit-learn digits.</p>",
+        claims_section(claims),
+        quickstart_section(out),
+        table8_section(out, t8_cells, t8_metric or "few-shot"),
+        scaling_section(out, sc_cells, sc_metric or "few-shot"),
+        figures_section(out),
+        timing_section(out, jobs, timing),
+        configs_section(out, jobs),
+    ]
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>vitexp reproduce</title><style>{STYLE}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    write_atomic(out / "report.html", page)
+    return out / "report.html"

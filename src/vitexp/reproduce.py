@@ -1,0 +1,341 @@
+"""`make reproduce` / `python -m vitexp.reproduce [--out DIR] [--jobs N] [--seeds N]`: every
+experiment of the paper on the embedded data, then one self-contained report.html.
+
+    quickstart/    pretrain (shapes, with the four figures), finetune (digits), scratch
+    table8/        the ablation_posemb preset's sweep x 3 seeds (the paper's Table 8)
+    data_scaling/  the data_scaling preset's sweep x 2 seeds (the paper's Figure 4)
+    report.html    tables, plots, figures, the claims' numbers, configs and timings
+
+Each job is one `python -m vitexp.train` run in its own fixed directory, so the command is
+resumable: a job whose directory holds results.json is skipped, one that holds
+checkpoints/last.ckpt continues from it (`ckpt_path=last`), a failed one is run again.
+`--jobs` runs that many at once (each on cpu_count / jobs threads: tiny models use two
+processes of one thread better than one process of two). Every job's config is composed
+and validated before the first one starts; the paper's N/A cells are recorded, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitexp.cli import run_cli
+from vitexp.errors import ConfigError, Interrupted
+from vitexp.files import write_atomic
+
+# study -> (preset, seeds): 3 seeds for Table 8, 2 for the data-size study (its BiT runs
+# cost twice the ViT's; the whole command stays under 90 min on 2 cores)
+SWEEPS = {"table8": ("ablation_posemb", 3), "data_scaling": ("data_scaling", 2)}
+RESULTS = "results.json"
+
+
+@dataclass
+class Job:
+    study: str
+    name: str
+    overrides: list[str]  # for `python -m vitexp.train`, without the run directory
+    after: str | None = None  # a job (study/name) that must finish first
+    status: str = "pending"  # pending | skipped | n/a | done | failed | stopped
+    reason: str = ""
+    wall_s: float = 0.0
+    extra: list[str] = field(default_factory=list)  # added when it runs: ckpt_path=last
+
+    @property
+    def key(self) -> str:
+        return f"{self.study}/{self.name}"
+
+
+def sweep_values(key: str, value: str) -> list[str]:
+    """The values of one sweeper param, as Hydra's parser reads `key=a,b,range(...)`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_override(f"{key}={value}")
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    return [override.get_value_element_as_str()]
+
+
+def compose(overrides: list[str], hydra: bool = False):
+    """The composed train config for these overrides (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from vitexp.config import CONFIG_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+def short(key: str) -> str:
+    """`model.pos_embed.kind` -> `kind`: the job directory names stay readable."""
+    return key.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+
+
+def sweep_jobs(study: str, preset: str, seeds: int) -> list[Job]:
+    """One job per combination of the preset's sweeper params, times `seeds` seeds."""
+    params = dict(compose([f"+experiment={preset}"], hydra=True).hydra.sweeper.params or {})
+    params.setdefault("seed", ",".join(str(s) for s in range(seeds)))
+    axes = [[(k, v) for v in sweep_values(k, str(values))] for k, values in params.items()]
+    jobs = []
+    for combo in itertools.product(*axes):
+        name = ",".join(f"{short(k)}={v}" for k, v in combo)
+        jobs.append(Job(study, name, [f"+experiment={preset}", *(f"{k}={v}" for k, v in combo)]))
+    return jobs
+
+
+def quickstart_jobs(out: Path) -> list[Job]:
+    """`make finetune`'s two runs and `make scratch`, with the quickstart's figures."""
+    pretrain = out / "quickstart" / "pretrain"
+    return [
+        Job("quickstart", "pretrain", ["+experiment=quickstart_pretrain"]),
+        Job("quickstart", "scratch", ["+experiment=quickstart_scratch"]),
+        Job(
+            "quickstart",
+            "finetune",
+            ["+experiment=quickstart_finetune", f"pretrained={pretrain}"],
+            after="quickstart/pretrain",
+        ),
+    ]
+
+
+STUDIES = ("quickstart", *SWEEPS)
+
+
+def plan(
+    out: Path, seeds: int | None = None, studies=STUDIES, extra: tuple[str, ...] = ()
+) -> list[Job]:
+    """Every job, checked: a config error stops here, before anything runs; N/A cells and
+    finished jobs are marked; a job with a checkpoint resumes. `seeds` replaces each
+    study's own number of seeds; `extra` overrides go to every job (e.g. trainer=gpu)."""
+    from vitexp.config import validate
+    from vitexp.models import NotApplicableCell
+
+    unknown = [s for s in studies if s not in STUDIES]
+    if unknown:
+        raise ConfigError(f"--studies {','.join(unknown)}: choose from {','.join(STUDIES)}")
+    jobs = quickstart_jobs(out) if "quickstart" in studies else []
+    for study, (preset, own_seeds) in SWEEPS.items():
+        if study in studies:
+            jobs += sweep_jobs(study, preset, seeds or own_seeds)
+    for job in jobs:
+        job.overrides += list(extra)
+        job_dir = out / job.study / job.name
+        try:
+            validate(compose(job.overrides))
+        except NotApplicableCell as err:
+            job.status, job.reason = "n/a", str(err)
+            if not (job_dir / RESULTS).exists():
+                record_na(job_dir, job, err)
+            continue
+        except Exception as err:  # one line naming the job, then the config's own message
+            from vitexp.cli import one_line
+
+            raise ConfigError(f"{job.key}: {one_line(err)}") from err
+        if (job_dir / RESULTS).is_file():
+            job.status = "skipped"
+        elif (job_dir / "checkpoints" / "last.ckpt").exists():
+            job.extra = ["ckpt_path=last"]
+    return jobs
+
+
+def record_na(job_dir: Path, job: Job, err: Exception) -> None:
+    """results.json of an N/A cell, as a sweep records it (vitexp.report reads both)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    values = dict(o.lstrip("+").split("=", 1) for o in job.overrides)
+    record = {
+        "status": "n/a",
+        "reason": str(err),
+        "seed": int(values.get("seed", 0)),
+        "pos_embed": {
+            "kind": values.get("model.pos_embed.kind"),
+            "placement": values.get("model.pos_embed.placement"),
+        },
+        "overrides": job.overrides,
+    }
+    write_atomic(job_dir / RESULTS, json.dumps(record, indent=2) + "\n")
+
+
+def command(job: Job, out: Path) -> list[str]:
+    run_dir = out / job.study / job.name
+    return [
+        sys.executable,
+        "-m",
+        "vitexp.train",
+        *job.overrides,
+        *job.extra,
+        f"hydra.run.dir={run_dir}",
+        "hydra.mode=RUN",
+    ]
+
+
+class Runner:
+    """Runs jobs `jobs` at a time in subprocesses, in order, each after its dependency."""
+
+    def __init__(self, out: Path, jobs: int) -> None:
+        self.out, self.slots = out, jobs
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+
+    def run_one(self, job: Job) -> Job:
+        run_dir = self.out / job.study / job.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failed.json").unlink(missing_ok=True)
+        start = time.time()
+        with open(run_dir / "console.log", "ab") as console:
+            proc = subprocess.Popen(
+                command(job, self.out),
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # a Ctrl-C reaches each job once, from stop()
+            )
+            self.procs[job.key] = proc
+            code = proc.wait()
+        self.procs.pop(job.key, None)
+        job.wall_s = time.time() - start
+        if code == 0 and (run_dir / RESULTS).is_file():
+            job.status = "done"
+        elif self.stopping:
+            job.status, job.reason = "stopped", "Ctrl-C"
+        else:
+            job.status = "failed"
+            job.reason = last_error(run_dir / "console.log") or f"exit code {code}"
+            record = {"status": "failed", "reason": job.reason, "overrides": job.overrides}
+            write_atomic(run_dir / "failed.json", json.dumps(record, indent=2) + "\n")
+        return job
+
+    def run(self, jobs: list[Job], say) -> None:
+        pending = [j for j in jobs if j.status == "pending"]
+        finished = {j.key for j in jobs if j.status in ("skipped", "n/a")}
+        running: dict[Future, Job] = {}
+        with ThreadPoolExecutor(self.slots) as pool:
+            try:
+                while pending or running:
+                    for job in list(pending):
+                        if len(running) >= self.slots:
+                            break
+                        if job.after is None or job.after in finished:
+                            pending.remove(job)
+                            say(f"start  {job.key}" + (" (resuming)" if job.extra else ""))
+                            running[pool.submit(self.run_one, job)] = job
+                    if not running:  # what is left waits on a job that failed
+                        for job in pending:
+                            job.status, job.reason = "failed", f"{job.after} did not finish"
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        job = future.result()
+                        del running[future]
+                        if job.status == "done":
+                            finished.add(job.key)
+                        result = outcome(self.out, job)
+                        say(f"{job.status:6} {job.key} ({job.wall_s:.0f} s) {result}")
+            except KeyboardInterrupt:
+                self.stop()
+                raise Interrupted(
+                    "interrupted: the running jobs saved their checkpoints; run the same "
+                    "command again to continue where it stopped",
+                    exit_code=130,
+                ) from None
+
+    def stop(self) -> None:
+        """Ctrl-C: each running job gets one SIGINT (it saves last.ckpt and exits)."""
+        self.stopping = True
+        for proc in list(self.procs.values()):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        for proc in list(self.procs.values()):
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def last_error(console: Path) -> str:
+    """The job's one-line error (`error: ...`), else its last line."""
+    lines = console.read_text(errors="replace").splitlines() if console.is_file() else []
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [""])[-1].strip()
+
+
+def outcome(out: Path, job: Job) -> str:
+    if job.status != "done":
+        return job.reason
+    r = json.loads((out / job.study / job.name / RESULTS).read_text())
+    text = f"{r['data']} test {r['metrics'].get('test/acc', float('nan')):.4f}"
+    if r.get("fewshot_report"):
+        text += f", {r['fewshot_report']} {r['fewshot'][r['fewshot_report']]:.4f}"
+    return text
+
+
+def reproduce(
+    out: Path,
+    jobs: int = 2,
+    seeds: int | None = None,
+    studies=STUDIES,
+    extra: tuple[str, ...] = (),
+) -> Path:
+    """Run (or continue) everything, then write the study tables and report.html."""
+    from vitexp import report
+    from vitexp.report_html import write_report
+
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    planned = plan(out, seeds, studies, extra)
+    todo = sum(j.status == "pending" for j in planned)
+    print(f"reproduce: {len(planned)} jobs, {todo} to run, {jobs} at a time -> {out}", flush=True)
+
+    def say(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+    Runner(out, jobs).run(planned, say)
+    for study in SWEEPS:
+        if study in studies:
+            report.report(out / study)
+    timing = {"wall_s_this_call": round(time.time() - start, 1), "jobs_in_parallel": jobs}
+    html = write_report(out, planned, timing)
+    failed = [j for j in planned if j.status == "failed"]
+    if failed:
+        names = ", ".join(j.key for j in failed)
+        raise RuntimeError(f"{len(failed)} job(s) failed ({names}): see each console.log; {html}")
+    say(f"report: {html}")
+    return html
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m vitexp.reproduce", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
+    parser.add_argument("--jobs", type=int, default=2, help="jobs run at once (default 2)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds per cell (default: Table 8 3, data size 2)"
+    )
+    parser.add_argument(
+        "--studies", default=",".join(STUDIES), help=f"a subset of {','.join(STUDIES)}"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every job"
+    )
+    args = parser.parse_args()
+
+    def main_task() -> None:
+        if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
+            raise ConfigError(f"--jobs {args.jobs} --seeds {args.seeds}: both must be >= 1")
+        studies = tuple(s for s in args.studies.split(",") if s)
+        reproduce(args.out, args.jobs, args.seeds, studies, tuple(args.set))
+
+    run_cli(main_task)
+
+
+if __name__ == "__main__":
+    main()

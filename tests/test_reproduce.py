@@ -1,0 +1,192 @@
+"""`make reproduce`: the plan (every preset's sweep x seeds, N/A cells recorded, finished
+jobs skipped, interrupted ones resumed), the claims' rules, report.html (self-contained,
+numbers only in its data cells), and a small real run that a second call skips whole."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from vitexp.claims import judge
+from vitexp.report import Cell
+from vitexp.reproduce import plan
+
+
+# --- the plan ------------------------------------------------------------------------------
+def test_plan_expands_the_presets_and_records_na_cells(tmp_path: Path):
+    jobs = plan(tmp_path)
+    studies = [j.study for j in jobs]
+    assert studies.count("quickstart") == 3
+    assert studies.count("table8") == 12 * 3  # 4 kinds x 3 placements x 3 seeds
+    assert studies.count("data_scaling") == 2 * 4 * 2  # models x subsets x seeds
+    na = [j for j in jobs if j.status == "n/a"]
+    assert len(na) == 4 * 3 and all(j.study == "table8" for j in na)
+    record = json.loads((tmp_path / na[0].study / na[0].name / "results.json").read_text())
+    assert record["status"] == "n/a" and "N/A cell" in record["reason"]
+    finetune = next(j for j in jobs if j.name == "finetune")
+    assert finetune.after == "quickstart/pretrain"
+    assert f"pretrained={tmp_path / 'quickstart' / 'pretrain'}" in finetune.overrides
+    scaling = next(j for j in jobs if j.study == "data_scaling")
+    assert scaling.name == "model=vit_tiny_p8,subset=2000,seed=0"
+
+
+def test_plan_skips_finished_jobs_and_resumes_interrupted_ones(tmp_path: Path):
+    done = tmp_path / "quickstart" / "scratch"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")
+    ckpt = tmp_path / "quickstart" / "pretrain" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    jobs = {j.name: j for j in plan(tmp_path, seeds=1, studies=("quickstart",))}
+    assert jobs["scratch"].status == "skipped"
+    assert jobs["pretrain"].status == "pending" and jobs["pretrain"].extra == ["ckpt_path=last"]
+    assert jobs["finetune"].status == "pending" and jobs["finetune"].extra == []
+
+
+def test_a_bad_override_stops_the_plan_naming_the_job(tmp_path: Path):
+    from vitexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"quickstart/pretrain: .*optim\.lr"):
+        plan(tmp_path, 1, ("quickstart",), ("optim.lr=-1",))
+    assert not (tmp_path / "quickstart").exists()
+
+
+# --- the claims ----------------------------------------------------------------------------
+def cell(*values: float, images: int | None = None, test=()) -> Cell:
+    c = Cell(values=list(values), seeds=list(range(len(values))), test_accs=list(test))
+    c.train_images = [images] * len(values) if images else []
+    return c
+
+
+FIGURES = {
+    "attention_distance": {"mean_per_layer": [3.0, 4.0, 6.0], "last_minus_first_layer": 3.0},
+    "pos_embed_similarity": {
+        "tables": [{"neighbours_minus_far": 0.4, "same_row_col_minus_other": 0.2}]
+    },
+}
+
+
+def test_claims_follow_their_rules():
+    table8 = {
+        ("none", "stem"): cell(0.50, 0.52, 0.51),
+        ("learned_1d", "stem"): cell(0.60, 0.61, 0.62),
+        ("learned_2d", "stem"): cell(0.59, 0.60, 0.61),
+        ("none", "every_layer"): Cell(),  # an N/A cell: no values
+    }
+    scaling = {
+        ("bit_tiny_debug", "2000"): cell(0.7, 0.72, images=2000),
+        ("bit_tiny_debug", "60000"): cell(0.75, 0.75, images=60000),
+        ("vit_tiny_p8", "2000"): cell(0.5, 0.52, images=2000),
+        ("vit_tiny_p8", "60000"): cell(0.74, 0.76, images=60000),
+    }
+    claims = judge(table8, scaling, FIGURES, "digits/10shot")
+    assert [c.held for c in claims] == [True, True, True, True, True]
+    assert "gap +0.1000" in claims[0].measured
+    assert "+0.2100 at 2000 images, +0.0000 at 60000" in claims[4].measured
+
+    # each rule can fail: overlapping seeds, a spread as large as the lead, flat distance,
+    # no structure, a gap that grows with data
+    table8[("none", "stem")] = cell(0.55, 0.65, 0.60)
+    table8[("learned_2d", "stem")] = cell(0.50, 0.50, 0.50)
+    flat = {
+        "attention_distance": {"mean_per_layer": [4.0, 4.0], "last_minus_first_layer": 0.0},
+        "pos_embed_similarity": {
+            "tables": [{"neighbours_minus_far": 0.1, "same_row_col_minus_other": -0.01}]
+        },
+    }
+    scaling[("vit_tiny_p8", "60000")] = cell(0.4, 0.4, images=60000)
+    assert [c.held for c in judge(table8, scaling, flat, "m")] == [False] * 5
+    # and a claim without its runs is "not run", never a verdict
+    assert [c.verdict for c in judge({}, {}, None, "m")] == ["not run"] * 5
+
+
+# --- report.html ---------------------------------------------------------------------------
+class Page(HTMLParser):
+    """The <img> sources and the text of every <td> of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.cells: list[str] = []
+        self._in_td = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self._in_td = tag == "td"
+        if self._in_td:
+            self.cells.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_td = False
+
+    def handle_data(self, data):
+        if self._in_td:
+            self.cells[-1] += data
+
+
+def check_page(path: Path) -> Page:
+    """Every image the page references exists (inlined PNG, or a file beside it) and every
+    data cell is a number or N/A; no script, no network."""
+    text = path.read_text()
+    page = Page()
+    page.feed(text)
+    assert page.images and page.cells
+    for src in page.images:
+        if src.startswith("data:image/png;base64,"):
+            assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+        else:
+            assert (path.parent / src).is_file(), src
+    for value in page.cells:
+        assert value.strip() == "N/A" or re.fullmatch(r"-?\d+(\.\d+)?", value.strip()), value
+    assert "<script" not in text and not re.search(r"""(src|href)=["']https?:""", text)
+    return page
+
+
+@pytest.mark.slow
+def test_reproduce_runs_resumes_and_writes_a_self_contained_report(tmp_path: Path):
+    """Quickstart and Table 8 with one seed and a few steps each: every job runs, the
+    second call runs nothing, report.html holds the tables, charts and figures."""
+    out = tmp_path / "reproduce"
+    tiny = [
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "data.batch_size=16",
+        "data.global_batch_size=null",
+        "data.shapes.num_train=256",
+        "data.shapes.num_val=64",
+        "data.shapes.num_test=64",
+        f"data.shapes.cache_dir={tmp_path / 'cache'}",
+        "fewshot.shots=[1,2]",
+        "fewshot.draws=1",
+        "fewshot.report_shot=2",
+    ]
+    args = ["--out", str(out), "--seeds", "1", "--studies", "quickstart,table8"]
+    args += [f"--set={o}" for o in tiny]
+    cmd = [sys.executable, "-m", "vitexp.reproduce", *args]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:] + first.stdout[-2000:]
+    assert "11 to run" in first.stdout  # 3 quickstart + 8 trained cells (4 N/A recorded)
+    done = sorted(p.parent.name for p in (out / "table8").glob("*/results.json"))
+    assert len(done) == 12
+    fine = json.loads((out / "quickstart" / "finetune" / "results.json").read_text())
+    assert fine["pretrained"].startswith(str(out / "quickstart" / "pretrain"))
+    assert set(fine["baselines"]) == {"logistic_regression", "rbf_svm"}
+
+    page = check_page(out / "report.html")
+    assert len(page.images) == 1 + 4  # the Table-8 chart and the 4 figures (no scaling run)
+    claims = json.loads((out / "claims.json").read_text())
+    assert [c["verdict"] for c in claims][-1] == "not run"  # no data-size study ran
+    assert all(c["verdict"] in ("held", "did not hold") for c in claims[:4])
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "0 to run" in second.stdout and "start" not in second.stdout
