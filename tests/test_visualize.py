@@ -173,7 +173,7 @@ def test_grid_structure_measures_closeness_and_rows_and_columns():
     smooth = torch.exp(-torch.cdist(torch.stack([r, c], 1), torch.stack([r, c], 1)))
     s = grid_structure(smooth, (4, 4))
     assert s["neighbours"] == pytest.approx(math.exp(-1))
-    assert s["neighbours_minus_far"] > 0.3 and s["same_row_col_minus_other"] > 0
+    assert s["neighbours_minus_far"] > 0.25 and s["same_row_col_minus_other"] > 0
     lines = ((r[:, None] == r[None]) | (c[:, None] == c[None])).float()  # rows/columns only
     assert grid_structure(lines, (4, 4))["same_row_col_minus_other"] == pytest.approx(1.0)
     flat = grid_structure(torch.full((16, 16), 0.3), (4, 4))

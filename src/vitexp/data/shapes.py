@@ -135,23 +135,36 @@ class ShapesDataset(Dataset):
         return pixels.shape == (len(self.labels), *self.size, 3) and pixels.dtype == np.uint8
 
     def _render_to_file(self) -> None:
-        """Render every image into the cache file (atomically: a concurrent run or a crash
-        never leaves a partial file under the final name)."""
+        """Render every image into the cache file, on every CPU core, atomically: a
+        concurrent run or a crash never leaves a partial file under the final name."""
         import logging
+        from concurrent.futures import ProcessPoolExecutor
 
+        n = len(self.labels)
         logging.getLogger("vitexp").info(
-            "shapes: rendering %d images once into %s", len(self.labels), self.cache_file
+            "shapes: rendering %d images once into %s", n, self.cache_file
         )
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         part = self.cache_file.with_name(f"{self.cache_file.stem}.{os.getpid()}.part.npy")
-        pixels = np.lib.format.open_memmap(
-            part, mode="w+", dtype=np.uint8, shape=(len(self.labels), *self.size, 3)
-        )
-        for i in range(len(self.labels)):
+        np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(n, *self.size, 3))
+        workers = min(os.cpu_count() or 1, max(1, n // 2000))
+        bounds = np.linspace(0, n, workers + 1).astype(int)
+        try:
+            if workers == 1:
+                self._render_range(part, 0, n)
+            else:
+                with ProcessPoolExecutor(workers) as pool:
+                    chunks = zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+                    list(pool.map(self._render_range, [part] * workers, *zip(*chunks, strict=True)))
+            os.replace(part, self.cache_file)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def _render_range(self, part: Path, start: int, stop: int) -> None:
+        pixels = np.load(part, mmap_mode="r+")
+        for i in range(start, stop):
             pixels[i] = self.render(i)
         pixels.flush()
-        del pixels
-        os.replace(part, self.cache_file)
 
 
 def render(shape: int, region: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
