@@ -81,48 +81,21 @@ def claims_section(claims: list) -> str:
 
 
 def quickstart_section(out: Path) -> str:
-    q = out / "quickstart"
-    pre, fine, scratch = (
-        read_json(q / n / "results.json") for n in ("pretrain", "finetune", "scratch")
-    )
+    runs = {
+        "pretrain": "pretrain on shapes (dataset A)",
+        "finetune": "fine-tune on digits (dataset B)",
+        "scratch": "digits from scratch, same model and steps",
+    }
     rows = []
-    if pre:
-        rows.append(
-            (
-                "pretrain on shapes (dataset A)",
-                [
-                    num(pre["metrics"].get("test/acc")),
-                    num(pre["steps"]),
-                    num(pre["wall_time_s"], 0),
-                ],
-            )
-        )
-    if fine:
-        rows.append(
-            (
-                "fine-tune on digits (dataset B)",
-                [
-                    num(fine["metrics"].get("test/acc")),
-                    num(fine["steps"]),
-                    num(fine["wall_time_s"], 0),
-                ],
-            )
-        )
-        for name, acc in (fine.get("baselines") or {}).items():
-            rows.append(
-                (f"{name.replace('_', ' ')} on raw pixels (train+val)", [num(acc), "N/A", "N/A"])
-            )
-    if scratch:
-        rows.append(
-            (
-                "digits from scratch, same model and steps",
-                [
-                    num(scratch["metrics"].get("test/acc")),
-                    num(scratch["steps"]),
-                    num(scratch["wall_time_s"], 0),
-                ],
-            )
-        )
+    for name, title in runs.items():
+        r = read_json(out / "quickstart" / name / "results.json")
+        if r is None:
+            continue
+        acc, steps, secs = r["metrics"].get("test/acc"), r["steps"], r["wall_time_s"]
+        rows.append((title, [num(acc), num(steps), num(secs, 0)]))
+        for baseline, value in (r.get("baselines") or {}).items() if name == "finetune" else ():
+            title = f"{baseline.replace('_', ' ')} on raw pixels (train+val)"
+            rows.append((title, [num(value), "N/A", "N/A"]))
     body = table(["test accuracy", "steps", "seconds"], rows, "run") if rows else "<p>not run</p>"
     return "<h2>Quickstart: pretrain, fine-tune, baselines</h2>" + body
 

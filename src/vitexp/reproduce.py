@@ -173,8 +173,9 @@ def command(job: Job, out: Path) -> list[str]:
         "vitexp.train",
         *job.overrides,
         *job.extra,
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir='{run_dir}'",  # quoted: a job's name holds = and ,
         "hydra.mode=RUN",
+        "trainer.progress_bar=false",  # console.log gets the validation lines instead
     ]
 
 
@@ -250,11 +251,12 @@ class Runner:
                 ) from None
 
     def stop(self) -> None:
-        """Ctrl-C: each running job gets one SIGINT (it saves last.ckpt and exits)."""
+        """Ctrl-C or SIGTERM: each running job gets one SIGTERM (it saves last.ckpt and
+        exits, as on a preemption; SIGINT may be ignored in a job started in background)."""
         self.stopping = True
         for proc in list(self.procs.values()):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in list(self.procs.values()):
             try:
                 proc.wait(timeout=120)
@@ -327,6 +329,14 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every job"
     )
     args = parser.parse_args()
+
+    def stop_on_sigterm(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM (a scheduler, `kill`) stop the jobs cleanly, even where the shell
+    # started this command with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
 
     def main_task() -> None:
         if args.jobs < 1 or (args.seeds is not None and args.seeds < 1):
