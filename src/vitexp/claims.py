@@ -83,6 +83,11 @@ def distance_grows(figures: dict | None) -> Claim:
     per_layer = ", ".join(f"{v:.2f}" for v in d["mean_per_layer"])
     delta = d["last_minus_first_layer"]
     measured = f"mean over heads per layer (px): {per_layer}; last - first {delta:+.2f}"
+    boxes = ((figures or {}).get("model") or {}).get("token_boxes_xyxy")
+    if boxes:  # what attention spread evenly over every patch would give
+        centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes]
+        dists = [math.dist(a, b) for a in centres for b in centres]
+        measured += f" (uniform attention: {sum(dists) / len(dists):.2f})"
     return Claim("Attention distance grows with depth", paper, measured, delta > 0)
 
 
