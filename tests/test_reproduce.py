@@ -190,3 +190,43 @@ def test_reproduce_runs_resumes_and_writes_a_self_contained_report(tmp_path: Pat
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "0 to run" in second.stdout and "start" not in second.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_stops_jobs_with_a_checkpoint_and_the_next_call_resumes(tmp_path: Path):
+    import signal
+    import time
+
+    out = tmp_path / "reproduce"
+    tiny = [
+        "trainer.max_steps=3000",
+        "trainer.val_check_interval=1000",
+        "data.batch_size=16",
+        "data.global_batch_size=null",
+        "data.num_workers=1",  # a loader worker, which must not be killed first
+        "data.shapes.num_train=256",
+        "data.shapes.num_val=32",
+        "data.shapes.num_test=32",
+        f"data.shapes.cache_dir={tmp_path / 'cache'}",
+        "fewshot.enabled=false",
+        "figures=false",
+    ]
+    cmd = [sys.executable, "-m", "vitexp.reproduce", "--out", str(out), "--jobs", "1"]
+    cmd += ["--studies", "quickstart", *(f"--set={o}" for o in tiny)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "quickstart" / "pretrain" / "logs" / "version_0" / "metrics.csv"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") > 3):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "run the same command again" in err
+    assert (out / "quickstart" / "pretrain" / "checkpoints" / "last.ckpt").is_file()
+    assert not (out / "quickstart" / "pretrain" / "failed.json").exists()
+
+    again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_lines = [again.stdout.readline(), again.stdout.readline()]
+    again.send_signal(signal.SIGTERM)  # stops the resumed job again, with a checkpoint
+    again.communicate(timeout=180)
+    assert "start  quickstart/pretrain (resuming)" in first_lines[1], first_lines

@@ -89,7 +89,8 @@ def test_pretrain_writes_config_checkpoints_logs_results(pretrained: Path):
 
 
 def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):
-    results = train(tmp_path / "ft", *FINETUNE, f"pretrained={pretrained}/checkpoints/last.ckpt")
+    ckpt = f"pretrained={pretrained}/checkpoints/last.ckpt"
+    results = train(tmp_path / "ft", *FINETUNE, "model=vit_tiny_p8", ckpt)  # the quickstart's
     assert results["stage"] == "finetune" and results["pretrained_data"] == "shapes"
     ckpt = torch.load(Path(results["checkpoint"]), weights_only=True)
     assert load_model(results["checkpoint"]).grid_size == (6, 6)  # 48 px / 8 px patches
@@ -136,6 +137,7 @@ def test_finetune_of_another_architecture_is_refused(pretrained: Path, tmp_path:
         train(
             tmp_path / "ft",
             *FINETUNE,
+            "model=vit_tiny_p8",
             "model.embed_dim=64",
             f"pretrained={pretrained}/checkpoints/last.ckpt",
         )
@@ -146,6 +148,7 @@ def test_finetune_of_another_architecture_is_refused(pretrained: Path, tmp_path:
         train(
             tmp_path / "ft2",
             *FINETUNE,
+            "model=vit_tiny_p8",
             "model/pos_embed=learned_2d",
             f"pretrained={pretrained}/checkpoints/last.ckpt",
         )

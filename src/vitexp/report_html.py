@@ -25,7 +25,8 @@ body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em aut
        color: #222 }
 table { border-collapse: collapse; margin: 0.6em 0 1.4em }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right }
-th { background: #f3f3f3 } th.name { text-align: left }
+th { background: #f3f3f3 } th.name { text-align: left; font-weight: normal }
+tr:first-child th { font-weight: bold }
 td.held { background: #e3f4e3 } td.not { background: #fbe4e4 }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0 }
 pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 12px }

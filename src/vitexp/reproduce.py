@@ -251,12 +251,14 @@ class Runner:
                 ) from None
 
     def stop(self) -> None:
-        """Ctrl-C or SIGTERM: each running job gets one SIGTERM (it saves last.ckpt and
-        exits, as on a preemption; SIGINT may be ignored in a job started in background)."""
+        """Ctrl-C or SIGTERM: each running job's main process gets one SIGTERM (it saves
+        last.ckpt and exits, as on a preemption; SIGINT may be ignored in a job started in
+        background). Not its process group: a loader worker killed first would end the
+        job with an error before its checkpoint."""
         self.stopping = True
         for proc in list(self.procs.values()):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
         for proc in list(self.procs.values()):
             try:
                 proc.wait(timeout=120)
