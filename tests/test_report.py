@@ -464,3 +464,16 @@ def test_position_embeddings_of_two_models_are_not_table_8(tmp_path: Path):
         ("vit_tiny_debug", "learned_2d"): 0.35,
     }
     assert "| model | model.pos_embed.kind | digits/10shot |" in (tmp_path / "table.md").read_text()
+
+
+def test_how_a_job_was_run_is_never_an_axis(tmp_path: Path):
+    """A resumed job records ckpt_path=last, make reproduce adds trainer.progress_bar=false
+    to the jobs it runs but not to the N/A cells it records: the layout stays Table 8."""
+    pos = {"model.pos_embed.kind": "learned_1d", "model.pos_embed.placement": "stem"}
+    write_run(tmp_path, 0, {**pos, "seed": 0, "ckpt_path": "last"}, fewshot=0.5)
+    write_run(tmp_path, 1, {**pos, "seed": 1, "trainer.progress_bar": False}, fewshot=0.7)
+    write_run(tmp_path, 2, {**pos, "model.pos_embed.kind": "none", "seed": 0}, fewshot=0.4)
+    jobs = collect(tmp_path)
+    axes, recorded = find_axes(jobs)
+    assert axes == ["model.pos_embed.kind"] and choose_view(axes, recorded, jobs) == "table8"
+    assert report(tmp_path)[("learned_1d", "stem")].mean == pytest.approx(0.6)

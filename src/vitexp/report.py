@@ -74,6 +74,8 @@ PAPER = {
 # The keys of a sweep over position embeddings: the paper's Table 8 lays them out.
 POS_AXES = ("model.pos_embed.kind", "model.pos_embed.placement", "model/pos_embed")
 SEED = "seed"  # the replicate axis: averaged over, never drawn
+# how a job was run, not what it measured: never an axis (a resumed job adds ckpt_path=last)
+RUN_KEYS = ("ckpt_path", "trainer.progress_bar", "output_root")
 SUBSET = "data.subset"  # the data-size axis: the paper's Figure 4
 UNKNOWN = object()  # an axis value a running job's config.yaml does not hold
 
@@ -312,7 +314,7 @@ def find_axes(jobs: list[Job]) -> tuple[list[str], bool]:
     keys: dict[str, None] = {}
     for j in jobs:
         if j.overrides is not None:
-            keys.update(dict.fromkeys(j.overrides))
+            keys.update(dict.fromkeys(k for k in j.overrides if k not in RUN_KEYS))
         elif j.config is None:
             keys.update(dict.fromkeys(legacy_overrides(j)))
     if not recorded and not keys:  # nothing but running jobs of an older sweep

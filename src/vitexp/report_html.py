@@ -174,7 +174,7 @@ def timing_section(out: Path, jobs: list, timing: dict[str, Any]) -> str:
     total = sum(r.get("wall_time_s") or 0 for r in records.values())
     head = (
         f"<p>{len(jobs)} jobs, {total / 60:.1f} min of job time in all, "
-        f"{timing['jobs_in_parallel']} at a time; this call took "
+        f"{timing['jobs_in_parallel']} at a time; the last call of `make reproduce` took "
         f"{timing['wall_s_this_call'] / 60:.1f} min. Machine: {esc(machine())}.</p>"
     )
     return "<h2>Timings</h2>" + head + table(["seconds", "steps"], rows, "job")
