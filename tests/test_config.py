@@ -189,4 +189,4 @@ def test_cli_full_error_shows_traceback(tmp_path):
 def test_cli_prints_resolved_config(tmp_path):
     result = _cli("--cfg", "job", "+experiment=quickstart_finetune", cwd=REPO)
     assert result.returncode == 0
-    assert "stage: finetune" in result.stdout and "img_size: 48" in result.stdout
+    assert "stage: finetune" in result.stdout and "img_size: 64" in result.stdout
