@@ -56,7 +56,7 @@ def test_table_layout_seeds_and_partial_cells(tmp_path: Path):
     write_job(tmp_path, 5, "relative", "stem", 0, status="running")
     write_job(tmp_path, 6, "learned_2d", "stem", 0, 0.55)
     write_job(tmp_path, 7, "learned_2d", "stem", 1, status="running")
-    cells = report(tmp_path)
+    cells = report(tmp_path).cells
     assert cells[("learned_1d", "stem")].mean == pytest.approx(0.65)
     table = (tmp_path / "table.md").read_text()
     lines = {
@@ -188,7 +188,7 @@ def test_full_grid_typed_on_the_command_line_skips_na_cells(tmp_path: Path):
         ("relative", "every_layer_shared"),
     }
     assert len(list(sweep.glob("*/checkpoints"))) == 8  # N/A cells train nothing
-    cells = report(sweep)
+    cells = report(sweep).cells
     assert sum(1 for c in cells.values() if c.values) == 8
 
 
@@ -303,7 +303,7 @@ def test_axes_from_overrides_failed_and_running_jobs(tmp_path: Path):
     write_run(sweep, 2, {"model.pos_embed.kind": "none", "seed": 0}, "failed")
     _, axes, view = analyse(sweep)
     assert (set(axes), view) == ({"model.pos_embed.kind", "model.pos_embed.placement"}, "table8")
-    cells = report(sweep)
+    cells = report(sweep).cells
     assert cells[("learned_1d", "every_layer")].mean == 0.5
     assert "| No Pos. Emb. | 0.5000, failed (1) | N/A | N/A |" in (sweep / "table.md").read_text()
 
@@ -328,7 +328,7 @@ def test_data_scaling_view_is_figure_4(tmp_path: Path):
         tmp_path, num + 1, {"model": "bit_tiny_debug", "data.subset": 1.0, "seed": 1}, "running"
     )
 
-    cells = report(tmp_path)
+    cells = report(tmp_path).cells
     assert cells[("vit_tiny_debug", "1000")].mean == pytest.approx(0.6)
     rows = read_csv(tmp_path / "table.csv", "model", "train_images")
     assert list(rows) == [  # by model, then by the number of images
@@ -393,7 +393,7 @@ def test_plain_table_for_any_other_sweep(tmp_path: Path):
     write_run(tmp_path, num, {"optim.lr": "3e-3", "seed": 2}, status="failed")
     write_run(tmp_path, num + 1, {"optim.lr": "1e-2", "seed": 0}, status="running")
 
-    cells = report(tmp_path)
+    cells = report(tmp_path).cells
     assert list(cells) == [("0.001",), ("0.003",), ("0.01",)]
     assert cells[("0.001",)].mean == pytest.approx(0.85)
     rows = read_csv(tmp_path / "table.csv", "optim.lr")
@@ -427,7 +427,7 @@ def test_runs_differing_in_an_axis_are_never_averaged(tmp_path: Path, with_subse
         for num, ((model, seed), score) in enumerate(scores.items(), start=4):
             over = {"model": model, "data.subset": 1000, "seed": seed}
             write_run(tmp_path, num, over, fewshot=score + 0.1, train_images=1000)
-    cells = report(tmp_path)
+    cells = report(tmp_path).cells
     means = {key: (cell.mean, len(cell.values)) for key, cell in cells.items()}
     if with_subset:
         assert means == {
@@ -456,7 +456,7 @@ def test_position_embeddings_of_two_models_are_not_table_8(tmp_path: Path):
                 num += 1
     _, axes, view = analyse(tmp_path)
     assert (axes, view) == (["model", "model.pos_embed.kind"], "table")
-    cells = report(tmp_path)
+    cells = report(tmp_path).cells
     assert {k: round(c.mean, 6) for k, c in cells.items()} == {
         ("bit_tiny_debug", "learned_1d"): 0.75,
         ("bit_tiny_debug", "learned_2d"): 0.75,
@@ -476,4 +476,4 @@ def test_how_a_job_was_run_is_never_an_axis(tmp_path: Path):
     jobs = collect(tmp_path)
     axes, recorded = find_axes(jobs)
     assert axes == ["model.pos_embed.kind"] and choose_view(axes, recorded, jobs) == "table8"
-    assert report(tmp_path)[("learned_1d", "stem")].mean == pytest.approx(0.6)
+    assert report(tmp_path).cells[("learned_1d", "stem")].mean == pytest.approx(0.6)

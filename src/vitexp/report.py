@@ -32,7 +32,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -658,26 +658,45 @@ def plain_figure(s: Summary) -> Figure:
     return fig
 
 
-def report(sweep_dir: str | Path) -> dict[tuple, Cell]:
-    """Write table.md, table.csv and table.png for a sweep; returns the cells: keyed by
-    (kind, placement) for Table 8, else by the axes' values as the table writes them."""
-    sweep_dir = Path(sweep_dir)
+@dataclass
+class SweepSummary:
+    """One sweep, summarised in the view its axes call for, ready to write."""
+
+    view: str  # table8 | scaling | plain
+    cells: dict
+    metric: str
+    table: str  # markdown
+    csv: str
+    figure: Any
+
+
+def summarise_sweep(sweep_dir: Path) -> SweepSummary:
+    """Collect a sweep's jobs, find its axes and summarise it in the right view."""
     jobs = collect(sweep_dir)
     axes, recorded = find_axes(jobs)
     view = choose_view(axes, recorded, jobs)
     if view == "table8":
         cells, metric = summarise(jobs)
-        table = markdown(cells, metric, jobs)
-        text, figure = csv_text(cells), table_figure(cells, metric)
-    else:
-        summary = summarise_axes(jobs, axes, view)
-        cells, table, text = summary.cells, axes_markdown(summary), axes_csv(summary)
-        figure = (scaling_figure if view == "scaling" else plain_figure)(summary)
-    write_atomic(sweep_dir / "table.md", table)
-    write_atomic(sweep_dir / "table.csv", text)
-    figure.savefig(sweep_dir / "table.png", dpi=120)
-    print(table + f"-> {sweep_dir}/table.md, table.csv, table.png")
-    return cells
+        table, figure = markdown(cells, metric, jobs), table_figure(cells, metric)
+        return SweepSummary(view, cells, metric, table, csv_text(cells), figure)
+    summary = summarise_axes(jobs, axes, view)
+    figure = (scaling_figure if view == "scaling" else plain_figure)(summary)
+    return SweepSummary(
+        view, summary.cells, summary.metric, axes_markdown(summary), axes_csv(summary), figure
+    )
+
+
+def report(sweep_dir: str | Path) -> SweepSummary:
+    """Write table.md, table.csv and table.png for a sweep; returns its summary, whose cells
+    are keyed by (kind, placement) for Table 8, else by the axes' values as the table
+    writes them."""
+    sweep_dir = Path(sweep_dir)
+    s = summarise_sweep(sweep_dir)
+    write_atomic(sweep_dir / "table.md", s.table)
+    write_atomic(sweep_dir / "table.csv", s.csv)
+    s.figure.savefig(sweep_dir / "table.png", dpi=120)
+    print(s.table + f"-> {sweep_dir}/table.md, table.csv, table.png")
+    return s
 
 
 def main() -> None:

@@ -210,18 +210,12 @@ def configs_section(out: Path, jobs: list) -> str:
     return "".join(parts) + f"<h3>Every job's overrides</h3><pre>{esc(listing)}</pre>"
 
 
-def write_report(out: Path, jobs: list, timing: dict[str, Any]) -> Path:
-    """Write out/report.html (and claims.json) from the finished studies."""
-    from vitexp import report
-
-    t8 = report.collect(out / "table8") if (out / "table8").is_dir() else []
-    t8_cells, t8_metric = report.summarise(t8) if t8 else ({}, None)
-    sc_cells, sc_metric = {}, None
-    if (out / "data_scaling").is_dir():
-        jobs_sc = report.collect(out / "data_scaling")
-        axes, _ = report.find_axes(jobs_sc)
-        s = report.summarise_axes(jobs_sc, axes, "scaling")
-        sc_cells, sc_metric = s.cells, s.metric
+def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -> Path:
+    """Write out/report.html (and claims.json) from the finished studies' summaries
+    (`vitexp.report.SweepSummary` by study name)."""
+    t8, sc = studies.get("table8"), studies.get("data_scaling")
+    t8_cells, t8_metric = (t8.cells, t8.metric) if t8 else ({}, None)
+    sc_cells, sc_metric = (sc.cells, sc.metric) if sc else ({}, None)
     metric = t8_metric or sc_metric or "few-shot"
     figures = read_json(out / "quickstart" / "pretrain" / "figures" / "figures.json")
     claims = judge(t8_cells, sc_cells, figures, metric)

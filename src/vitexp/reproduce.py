@@ -128,6 +128,7 @@ def plan(
     study's own number of seeds; `extra` overrides go to every job (e.g. trainer=gpu)."""
     from vitexp.config import validate
     from vitexp.models import NotApplicableCell
+    from vitexp.rundir import write_job_record
 
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
@@ -141,11 +142,11 @@ def plan(
             job.overrides += list(extra)
             job_dir = out / job.study / job.name
             try:
-                validate(compose(job.overrides))
+                cfg = compose(job.overrides)
+                validate(cfg)
             except NotApplicableCell as err:
                 job.status, job.reason = "n/a", str(err)
-                if not (job_dir / RESULTS).exists():
-                    record_na(job_dir, job, err)
+                write_job_record(job_dir, cfg, "n/a", str(err), job.overrides)
                 continue
             except Exception as err:  # one line naming the job, then the config's message
                 from vitexp.cli import one_line
@@ -156,23 +157,6 @@ def plan(
             elif (job_dir / "checkpoints" / "last.ckpt").exists():
                 job.extra = ["ckpt_path=last"]
     return jobs
-
-
-def record_na(job_dir: Path, job: Job, err: Exception) -> None:
-    """results.json of an N/A cell, as a sweep records it (vitexp.report reads both)."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    values = dict(o.lstrip("+").split("=", 1) for o in job.overrides)
-    record = {
-        "status": "n/a",
-        "reason": str(err),
-        "seed": int(values.get("seed", 0)),
-        "pos_embed": {
-            "kind": values.get("model.pos_embed.kind"),
-            "placement": values.get("model.pos_embed.placement"),
-        },
-        "overrides": job.overrides,
-    }
-    write_atomic(job_dir / RESULTS, json.dumps(record, indent=2) + "\n")
 
 
 def command(job: Job, out: Path) -> list[str]:
@@ -314,11 +298,9 @@ def reproduce(
         print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
     Runner(out, jobs).run(planned, say)
-    for study in SWEEPS:
-        if study in studies:
-            report.report(out / study)
+    summaries = {s: report.report(out / s) for s in SWEEPS if s in studies}
     timing = {"wall_s_this_call": round(time.time() - start, 1), "jobs_in_parallel": jobs}
-    html = write_report(out, planned, timing)
+    html = write_report(out, planned, timing, summaries)
     failed = [j for j in planned if j.status == "failed"]
     if failed:
         names = ", ".join(j.key for j in failed)

@@ -147,7 +147,14 @@ def write_config(cfg: DictConfig, run_dir: Path, resumed: bool) -> None:
 def record_sweep_job(cfg: DictConfig, status: str, reason: str) -> None:
     """In a sweep, leave a record for the report: results.json for an N/A cell (not trained),
     failed.json for a job that failed. Never touches a directory that holds results."""
-    job_dir = hydra_run_dir()
+    write_job_record(hydra_run_dir(), cfg, status, reason, list(HydraConfig.get().overrides.task))
+
+
+def write_job_record(
+    job_dir: Path, cfg: DictConfig, status: str, reason: str, overrides: list[str]
+) -> None:
+    """The record of a job that produced no results (`status` n/a or failed), in the shape
+    vitexp.report reads beside real results; a sweep and `make reproduce` both write it."""
     if (job_dir / "results.json").exists():
         return
     record = {
@@ -157,7 +164,8 @@ def record_sweep_job(cfg: DictConfig, status: str, reason: str) -> None:
         "seed": cfg.seed,
         "data": cfg.data.name,
         "pos_embed": {"kind": cfg.model.pos_embed.kind, "placement": cfg.model.pos_embed.placement},
-        "overrides": list(HydraConfig.get().overrides.task),
+        "overrides": overrides,
     }
+    job_dir.mkdir(parents=True, exist_ok=True)
     target = "results.json" if status == "n/a" else "failed.json"
     write_atomic(job_dir / target, json.dumps(record, indent=2) + "\n")

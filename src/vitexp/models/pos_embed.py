@@ -54,6 +54,10 @@ class PosEmbedSpec:
     # the paper's original code used bilinear (set interpolation=bilinear, antialias=false).
     interpolation: str = "bicubic"
     antialias: bool = True
+    # Std of the learned tables at init. The paper's code: 0.02; big_vision: 1/sqrt(width).
+    # Small tables next to unit-scale patch embeddings are why a tiny ViT can sit for
+    # hundreds of steps on a position-blind plateau (see ablation_posemb).
+    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,6 +71,8 @@ class PosEmbedSpec:
                 f"pos_embed.kind={self.kind} with placement={self.placement} is an N/A cell of "
                 f"the paper's Table 8: {self.kind} exists only at placement=stem"
             )
+        if not self.init_std > 0:
+            raise ValueError(f"pos_embed.init_std={self.init_std!r} must be > 0")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"pos_embed.interpolation={self.interpolation!r} is not one of "
@@ -157,11 +163,11 @@ class AbsolutePosEmbed(nn.Module, ABC):
 class LearnedPosEmbed1D(AbsolutePosEmbed):
     """1-D: one learned vector per sequence position, prefix (class) tokens included."""
 
-    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int):
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std=0.02):
         super().__init__(grid_size, num_prefix_tokens, dim)
         num_tokens = num_prefix_tokens + grid_size[0] * grid_size[1]
         self.weight = nn.Parameter(torch.empty(1, num_tokens, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.trunc_normal_(self.weight, std=init_std)
 
     def table(self) -> torch.Tensor:
         return self.weight
@@ -179,7 +185,7 @@ class LearnedPosEmbed1D(AbsolutePosEmbed):
 class LearnedPosEmbed2D(AbsolutePosEmbed):
     """2-D: X (column) and Y (row) tables of D/2 each, concatenated per patch."""
 
-    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int):
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std=0.02):
         super().__init__(grid_size, num_prefix_tokens, dim)
         if dim % 2:
             raise ValueError(f"learned_2d needs an even embed_dim (two halves), got {dim}")
@@ -190,7 +196,7 @@ class LearnedPosEmbed2D(AbsolutePosEmbed):
         )
         for p in (self.x_embed, self.y_embed, self.prefix_embed):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+                nn.init.trunc_normal_(p, std=init_std)
 
     def table(self) -> torch.Tensor:
         rows, cols = self.grid_size
@@ -235,7 +241,7 @@ class SinCosPosEmbed2D(AbsolutePosEmbed):
 
 
 def build_absolute_pos_embed(
-    kind: str, grid_size: Size2d, num_prefix_tokens: int, dim: int
+    kind: str, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std: float = 0.02
 ) -> AbsolutePosEmbed:
     classes = {
         "learned_1d": LearnedPosEmbed1D,
@@ -244,7 +250,9 @@ def build_absolute_pos_embed(
     }
     if kind not in classes:
         raise ValueError(f"{kind!r} is not an absolute position embedding ({ABSOLUTE_KINDS})")
-    return classes[kind](grid_size, num_prefix_tokens, dim)
+    if kind == "sincos_2d":
+        return SinCosPosEmbed2D(grid_size, num_prefix_tokens, dim)
+    return classes[kind](grid_size, num_prefix_tokens, dim, init_std)
 
 
 class RelativePositionBias(nn.Module):
@@ -271,17 +279,19 @@ class RelativePositionBias(nn.Module):
 
     NUM_SPECIAL = 3  # class->patch, patch->class, class->class
 
-    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, head_dim: int):
+    def __init__(
+        self, grid_size: Size2d, num_prefix_tokens: int, head_dim: int, init_std: float = 0.02
+    ):
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         num_patches = grid_size[0] * grid_size[1]
         self.offset_embed = nn.Parameter(torch.empty(2 * num_patches - 1, head_dim))
-        nn.init.trunc_normal_(self.offset_embed, std=0.02)
+        nn.init.trunc_normal_(self.offset_embed, std=init_std)
         self.special_embed = None
         if num_prefix_tokens:
             self.special_embed = nn.Parameter(torch.empty(self.NUM_SPECIAL, head_dim))
-            nn.init.trunc_normal_(self.special_embed, std=0.02)
+            nn.init.trunc_normal_(self.special_embed, std=init_std)
         self.register_buffer("index", self._build_index(), persistent=False)
 
     def _build_index(self) -> torch.Tensor:
@@ -336,7 +346,11 @@ class PositionEmbedding(nn.ModuleList):
         if spec.kind in ABSOLUTE_KINDS:
             tables = depth if spec.placement == "every_layer" else 1
             for _ in range(tables):
-                self.append(build_absolute_pos_embed(spec.kind, grid_size, num_prefix_tokens, dim))
+                self.append(
+                    build_absolute_pos_embed(
+                        spec.kind, grid_size, num_prefix_tokens, dim, spec.init_std
+                    )
+                )
 
     def table_for_layer(self, layer: int) -> int | None:
         """Index of the table added at the input of block `layer` (None: nothing)."""
@@ -356,7 +370,7 @@ class PositionEmbedding(nn.ModuleList):
         """A block's own relative-attention table (kind=relative), else None."""
         if self.spec.kind != "relative":
             return None
-        return RelativePositionBias(grid_size, num_prefix_tokens, head_dim)
+        return RelativePositionBias(grid_size, num_prefix_tokens, head_dim, self.spec.init_std)
 
     def resize(self, grid_size: Size2d) -> None:
         for table in self:
