@@ -52,6 +52,23 @@ def test_every_preset_composes_and_validates(experiment):
         assert cfg.pretrained
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model/pos_embed=learned_2d"],
+        ["model.pos_embed.kind=relative"],
+        ["+experiment=ablation_posemb"],
+    ],
+)
+def test_a_size_keeps_its_init_std_under_a_pos_embed_override(overrides):
+    cfg = validate(compose_cfg(["model=vit_tiny_p8", *overrides]))
+    assert cfg.model.pos_embed.init_std == 0.125
+    assert (
+        validate(compose_cfg(["model=vit_tiny_debug", *overrides[:1]])).model.pos_embed.init_std
+        == 0.02
+    )
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_every_size_is_a_model_choice(model):
     """The sizes table is the one list: `model=NAME` composes to `model_config(NAME)`."""

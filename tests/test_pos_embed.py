@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitexp.models import PosEmbedSpec
+from vitexp.models import PosEmbedSpec, create_model
 from vitexp.models.pos_embed import (
     LearnedPosEmbed2D,
     RelativePositionBias,
@@ -93,11 +93,33 @@ def test_na_cells_raise(kind, placement):
         ({"kind": "learned_3d"}, "pos_embed.kind='learned_3d' is not one of"),
         ({"placement": "everywhere"}, "pos_embed.placement='everywhere'"),
         ({"interpolation": "lanczos"}, "pos_embed.interpolation='lanczos'"),
+        ({"init_std": 0.0}, "pos_embed.init_std=0.0 must be > 0"),
     ],
 )
 def test_bad_spec_names_the_key(spec, match):
     with pytest.raises(ValueError, match=match):
         PosEmbedSpec(**spec)
+
+
+@pytest.mark.parametrize("init_std", [0.02, 0.125])
+@pytest.mark.parametrize("kind", ["learned_1d", "learned_2d", "relative"])
+def test_learned_tables_start_at_init_std(kind, init_std):
+    torch.manual_seed(0)
+    model = create_model(
+        "vit_b16", num_classes=3, img_size=64, pos_embed={"kind": kind, "init_std": init_std}
+    )
+    tables = [p for n, p in model.named_parameters() if "pos_embed" in n or "rel_pos" in n]
+    values = torch.cat([t.detach().flatten() for t in tables])
+    assert values.numel() > 1000 and values.std().item() == pytest.approx(init_std, rel=0.1)
+
+
+def test_a_size_keeps_its_init_std_when_the_kind_is_overridden():
+    """The Python path; tests/test_config.py checks the Hydra one."""
+    for pos_embed in ("learned_2d", {"kind": "relative"}):
+        assert create_model("vit_tiny_p8", 3, pos_embed=pos_embed).cfg.pos_embed.init_std == 0.125
+    assert create_model("vit_tiny_debug", 3, pos_embed="learned_2d").cfg.pos_embed.init_std == 0.02
+    given = create_model("vit_tiny_p8", 3, pos_embed={"kind": "learned_2d", "init_std": 0.05})
+    assert given.cfg.pos_embed.init_std == 0.05
 
 
 def _extra_params(**spec) -> int:
