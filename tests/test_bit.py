@@ -332,3 +332,26 @@ def test_bit_pretrains_evaluates_and_fine_tunes_like_a_vit(tmp_path, caplog):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: pretrained=")
     assert "drawn for ViT checkpoints only" in proc.stderr
     assert json.loads((pre / "results.json").read_text())["train_images"] == 256
+
+
+@pytest.mark.slow
+def test_bit_presets_pretrain_then_fine_tune_on_cpu(tmp_path):
+    """pretrain_in21k_bit -> finetune_in1k_bit, tiny, with the presets' own switches:
+    sigmoid loss, accumulation to the global batch, clipping, AdamW then SGD."""
+    from test_config import compose_cfg
+    from vitexp.train import run
+
+    tiny = [*bit_run(), "trainer=cpu", "model.img_size=32", f"output_root={tmp_path}"]
+    tiny += ["data.batch_size=16", "data.global_batch_size=32", "schedule.warmup_steps=1"]
+    pre = run(compose_cfg(["+experiment=pretrain_in21k_bit", *tiny]), hydra_dir=tmp_path / "pre")
+    assert pre["model"] == "bit_tiny_debug" and pre["global_batch_size"] == 32
+    assert pre["steps"] == 4 and pre["train_images"] == 256
+    digits = ["data=digits", "data.num_classes=10", "model.img_size=48"]
+    tuned = run(
+        compose_cfg(
+            ["+experiment=finetune_in1k_bit", *tiny, *digits, f"pretrained={tmp_path}/pre"]
+        ),
+        hydra_dir=tmp_path / "ft",
+    )
+    assert tuned["pretrained_data"] == "shapes" and tuned["steps"] == 4
+    assert 0 <= tuned["metrics"]["test/acc"] <= 1

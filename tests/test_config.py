@@ -115,6 +115,34 @@ def test_paper_presets_use_the_papers_hyper_parameters():
     )
 
 
+def test_bit_presets_follow_the_papers_resnet_recipe():
+    """Section 4.1: every model, ResNets included, pretrained with Adam, batch 4096, wd 0.1;
+    fine-tuned with SGD momentum at batch 512."""
+    p = validate(compose_cfg(["+experiment=pretrain_in21k_bit"]))
+    assert (p.model.name, p.optim.name, p.optim.beta2, p.optim.weight_decay) == (
+        "bit_r50x1",
+        "adamw",
+        0.999,
+        0.1,
+    )
+    assert (p.data.global_batch_size, p.loss.name, p.trainer.max_steps) == (
+        4096,
+        "sigmoid",
+        312_000,
+    )
+    assert validate(compose_cfg(["+experiment=pretrain_in1k_bit"])).trainer.max_epochs == 300
+    f = validate(compose_cfg(["+experiment=finetune_in1k_bit"]))
+    assert (f.model.name, f.model.img_size, f.optim.name, f.optim.momentum) == (
+        "bit_r50x1",
+        (384, 384),
+        "sgd",
+        0.9,
+    )
+    assert f.data.global_batch_size == 512 and f.pretrained.endswith("pretrain_in21k_bit")
+    big = validate(compose_cfg(["+experiment=pretrain_in21k_bit", "model=bit_r152x2"]))
+    assert big.model.layers == [3, 8, 36, 3] and big.model.width_factor == 2
+
+
 BAD_OVERRIDES = [
     (["model.foo=1"], r"^model\.foo is not a key of model"),
     (["foo=bar"], r"^foo is not a key of the top level"),
@@ -123,6 +151,11 @@ BAD_OVERRIDES = [
     (["model=vit_x"], r"^model=vit_x is not a known option; choose one of .*vit_b16"),
     (["data=mnist"], r"^data=mnist is not a known option; choose one of .*digits"),
     (["+experiment=nope"], r"^experiment=nope is not a known option; choose one of .*quickstart"),
+    (
+        ["+experiment=pretrain_in21k", "model=bit_r50x1"],
+        r"^experiment/pretrain_in21k sets model\.drop_rate, which a BiT model does not have: "
+        r"use \+experiment=pretrain_in21k_bit",
+    ),
     (["model/pos_embed=fourier"], r"^model/pos_embed=fourier is not a known option; .*relative"),
     (
         ["model/pos_embed=relative", "model.pos_embed.placement=every_layer"],

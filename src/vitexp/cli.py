@@ -14,6 +14,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vitexp.errors import is_user_error
@@ -24,6 +25,30 @@ EXIT_FAILURE = 1
 
 def _squash(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def preset_for_another_family(message: str) -> str | None:
+    """`+experiment=pretrain_in21k model=bit_r50x1`: the preset sets a key the chosen model
+    family lacks (a ViT's dropout on a ResNet). Say so, and name the family's own preset."""
+    from vitexp.config import CONFIG_DIR
+
+    found = re.search(
+        r"In '(experiment/\w+)': ConfigKeyError.*?Key '(\w+)' not in '(\w+)'.*?full_key: (\S+)",
+        message,
+        re.S,
+    )
+    if not found:
+        return None
+    source, _, schema, full_key = found.groups()
+    preset = source.partition("/")[2]
+    family = schema.removesuffix("Config")
+    own = f"{preset}_{family.lower()}"
+    hint = (
+        f"use +experiment={own}, the same recipe for {family}"
+        if (Path(CONFIG_DIR) / "experiment" / f"{own}.yaml").is_file()
+        else f"leave the model= override out, or write a preset for {family}"
+    )
+    return f"{source} sets {full_key}, which a {family} model does not have: {hint}"
 
 
 def one_line(err: BaseException) -> str:
@@ -63,7 +88,7 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, ConfigCompositionException):
         if err.__cause__ is not None:
             return one_line(err.__cause__)
-        return _squash(str(err))
+        return preset_for_another_family(str(err)) or _squash(str(err))
     text = str(err).strip().split("\n")[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
