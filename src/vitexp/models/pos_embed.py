@@ -163,7 +163,7 @@ class AbsolutePosEmbed(nn.Module, ABC):
 class LearnedPosEmbed1D(AbsolutePosEmbed):
     """1-D: one learned vector per sequence position, prefix (class) tokens included."""
 
-    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std=0.02):
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std: float = 0.02):
         super().__init__(grid_size, num_prefix_tokens, dim)
         num_tokens = num_prefix_tokens + grid_size[0] * grid_size[1]
         self.weight = nn.Parameter(torch.empty(1, num_tokens, dim))
@@ -185,7 +185,7 @@ class LearnedPosEmbed1D(AbsolutePosEmbed):
 class LearnedPosEmbed2D(AbsolutePosEmbed):
     """2-D: X (column) and Y (row) tables of D/2 each, concatenated per patch."""
 
-    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std=0.02):
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std: float = 0.02):
         super().__init__(grid_size, num_prefix_tokens, dim)
         if dim % 2:
             raise ValueError(f"learned_2d needs an even embed_dim (two halves), got {dim}")
@@ -243,16 +243,12 @@ class SinCosPosEmbed2D(AbsolutePosEmbed):
 def build_absolute_pos_embed(
     kind: str, grid_size: Size2d, num_prefix_tokens: int, dim: int, init_std: float = 0.02
 ) -> AbsolutePosEmbed:
-    classes = {
-        "learned_1d": LearnedPosEmbed1D,
-        "learned_2d": LearnedPosEmbed2D,
-        "sincos_2d": SinCosPosEmbed2D,
-    }
-    if kind not in classes:
-        raise ValueError(f"{kind!r} is not an absolute position embedding ({ABSOLUTE_KINDS})")
     if kind == "sincos_2d":
         return SinCosPosEmbed2D(grid_size, num_prefix_tokens, dim)
-    return classes[kind](grid_size, num_prefix_tokens, dim, init_std)
+    learned = {"learned_1d": LearnedPosEmbed1D, "learned_2d": LearnedPosEmbed2D}
+    if kind not in learned:
+        raise ValueError(f"{kind!r} is not an absolute position embedding ({ABSOLUTE_KINDS})")
+    return learned[kind](grid_size, num_prefix_tokens, dim, init_std)
 
 
 class RelativePositionBias(nn.Module):
