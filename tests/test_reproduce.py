@@ -230,3 +230,20 @@ def test_sigterm_stops_jobs_with_a_checkpoint_and_the_next_call_resumes(tmp_path
     again.send_signal(signal.SIGTERM)  # stops the resumed job again, with a checkpoint
     again.communicate(timeout=180)
     assert "start  quickstart/pretrain (resuming)" in first_lines[1], first_lines
+    # the SIGTERM came right after "start": the job must not outlive the command
+    deadline = time.time() + 30
+    while jobs_running_in(out):
+        assert time.time() < deadline, f"a job still runs after the command ended: {out}"
+        time.sleep(0.5)
+
+
+def jobs_running_in(out: Path) -> list[int]:
+    """Pids of the processes whose command line names `out` (the jobs of that reproduce)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(out).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            pass
+    return pids

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class Runner:
         self.env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = False
+        self.lock = threading.Lock()  # a job starts, or the runner stops: never both at once
 
     def run_one(self, job: Job) -> Job:
         run_dir = self.out / job.study / job.name
@@ -188,14 +190,18 @@ class Runner:
         (run_dir / "failed.json").unlink(missing_ok=True)
         start = time.time()
         with open(run_dir / "console.log", "ab") as console:
-            proc = subprocess.Popen(
-                command(job, self.out),
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,  # a Ctrl-C reaches each job once, from stop()
-            )
-            self.procs[job.key] = proc
+            with self.lock:  # a stop that came first must not leave this job running alone
+                if self.stopping:
+                    job.status, job.reason, job.wall_s = "stopped", "Ctrl-C", 0.0
+                    return job
+                proc = subprocess.Popen(
+                    command(job, self.out),
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,  # a Ctrl-C reaches each job once, from stop()
+                )
+                self.procs[job.key] = proc
             code = proc.wait()
         self.procs.pop(job.key, None)
         job.wall_s = time.time() - start
@@ -249,11 +255,13 @@ class Runner:
         last.ckpt and exits, as on a preemption; SIGINT may be ignored in a job started in
         background). Not its process group: a loader worker killed first would end the
         job with an error before its checkpoint."""
-        self.stopping = True
-        for proc in list(self.procs.values()):
+        with self.lock:
+            self.stopping = True
+            procs = list(self.procs.values())
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in list(self.procs.values()):
+        for proc in procs:
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
