@@ -32,6 +32,12 @@ RUN = [
     "trainer.progress_bar=false",
     "schedule.warmup_steps=4",
     "figures=false",
+    # the recipes whose state must resume too: a weight average, RandAugment, MixUp/CutMix
+    "ema.decay=0.9",
+    "ema.warmup=true",
+    "data.augment.randaugment.num_ops=2",
+    "data.augment.mixup_alpha=0.8",
+    "data.augment.cutmix_alpha=1.0",
 ]
 
 

@@ -52,16 +52,21 @@ def test_a_format_1_record_loads_the_same(tmp_path: Path):
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
 
 
-def test_the_weights_the_record_names_for_evaluation_are_loaded(tmp_path: Path):
-    """A run that keeps an average of its weights names it (`eval_weights`)."""
+def test_a_run_with_a_weight_average_loads_as_the_average(tmp_path: Path):
+    """Lightning's weight averaging: `state_dict` holds the average, `current_model_state`
+    the trained weights; load_model gives the average."""
     trained, averaged = randomize_(tiny_vit()), randomize_(tiny_vit())
-    state = {**net_state(trained), **net_state(averaged, "ema.")}
-    record = {**model_record(trained), "eval_weights": "ema."}
-    loaded = vitexp.load_model(save(tmp_path / "ema.ckpt", record, state))
+    path = tmp_path / "ema.ckpt"
+    torch.save(
+        {
+            "vitexp": {**model_record(trained), "ema_decay": 0.99},
+            "state_dict": net_state(averaged),
+            "current_model_state": net_state(trained),
+        },
+        path,
+    )
     x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(loaded(x), averaged.eval()(x), rtol=0, atol=0)
-    plain = vitexp.load_model(save(tmp_path / "net.ckpt", model_record(trained), state))
-    torch.testing.assert_close(plain(x), trained.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(vitexp.load_model(path)(x), averaged.eval()(x), rtol=0, atol=0)
 
 
 def test_what_is_not_a_model_says_so_in_one_line(tmp_path: Path):

@@ -35,6 +35,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     assert resumed["steps"] == uninterrupted["steps"] == 24
     for key, value in uninterrupted["metrics"].items():
         assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), (key, out[-2000:])
+    for key, value in uninterrupted["metrics_raw"].items():  # the trained weights, too
+        assert resumed["metrics_raw"][key] == pytest.approx(value, abs=1e-6), (key, out[-2000:])
+    assert resumed["weights"] == "EMA 0.9 (warmup)"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "config.resume.yaml").is_file()
 
 

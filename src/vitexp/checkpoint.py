@@ -41,6 +41,9 @@ from vitexp.models.factory import build_model, config_from_record, family_of
 SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor state
 
 
+RAW_WEIGHTS_KEY = "current_model_state"  # Lightning's weight averaging: the trained weights
+
+
 def is_sharded(path: str | Path) -> bool:
     """A sharded (directory) checkpoint, as Lightning's FSDPStrategy writes it."""
     return (Path(path) / SHARDED_META).is_file()
@@ -216,9 +219,9 @@ def _read_sharded(path: Path, what: str, weights: bool) -> dict[str, Any]:
 
 def read_model(path: str | Path, what: str = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
     """The model of a vitexp checkpoint with its weights, in eval mode on the CPU, and the
-    checkpoint's record (`checkpoint["vitexp"]`: stage, data, ...). The weights are those
-    the record names for evaluation (`eval_weights`: a run that keeps an average of its
-    weights names it), else the trained ones."""
+    checkpoint's record (`checkpoint["vitexp"]`: stage, data, ...). The weights are the
+    checkpoint's `state_dict`: of a run that kept a weight average (`ema.decay`), the
+    average (the trained weights are in `current_model_state`, vitexp.averaging)."""
     return _model_from(read_checkpoint(path, what), path, what)
 
 
@@ -226,7 +229,7 @@ def _model_from(content: dict[str, Any], path: str | Path, what: str) -> tuple[n
     meta = content.get("vitexp")
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"{what}={path} is not a vitexp checkpoint (no model record)")
-    prefix = meta.get("eval_weights", "net.")
+    prefix = "net."  # ViTModule.net
     state = {
         k.removeprefix(prefix): v
         for k, v in content.get("state_dict", {}).items()
@@ -239,6 +242,12 @@ def _model_from(content: dict[str, Any], path: str | Path, what: str) -> tuple[n
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{what}={path} is damaged: {_first_line(err)}") from None
     return model.eval(), meta
+
+
+def weights_of(meta: dict[str, Any]) -> str:
+    """Which weights a checkpoint's `state_dict` holds, in words, for reports."""
+    decay = meta.get("ema_decay")
+    return "trained" if decay is None else f"averaged (EMA {decay:g})"
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -310,17 +319,21 @@ def resolve_pretrained(path: str | Path) -> Path:
     return max(finished, key=lambda p: (p.parent.parent / "results.json").stat().st_mtime)
 
 
-def load_pretrained(path: str | Path, model: nn.Module) -> dict[str, Any]:
+def load_pretrained(path: str | Path, model: nn.Module, weights: str = "averaged") -> dict:
     """Initialise `model` (built at dataset B's resolution and class count) from a pretrained
     vitexp checkpoint or a timm-format weight file, the paper's way: keep the body, drop the
     pre-logits layer unless the model has one, start a zero-initialised head, and resample
-    every position embedding to the new grid. Returns the checkpoint's record."""
+    every position embedding to the new grid. `weights`: of a run that kept a weight
+    average (`ema.decay`), the `averaged` weights or the `raw` trained ones. Returns the
+    checkpoint's record."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return _load_timm(path, model)
     content = read_checkpoint(path, "pretrained")
     if "vitexp" not in content:
         return _load_timm(path, model)
+    if weights == "raw" and RAW_WEIGHTS_KEY in content:
+        content = {**content, "state_dict": content[RAW_WEIGHTS_KEY]}
     source, meta = _model_from(content, path, "pretrained")
     check_architecture(source.cfg, model, path)
     # the fine-tune's own resampling settings apply

@@ -36,17 +36,39 @@ LOSSES = ("softmax", "sigmoid")
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ON_CORRUPT = ("skip", "error")
+PRETRAINED_WEIGHTS = ("averaged", "raw")
 FSDP_STATE_DICTS = ("full", "sharded")
 
 
 @dataclass
+class RandAugmentConfig:
+    """torchvision's RandAugment on each training image (AugReg's `randaug(N, M)`).
+
+    num_ops: ops per image (0: off). magnitude: on torchvision's scale, 0 ..
+    num_magnitude_bins - 1, the last bin each op's full range (the RandAugment paper's
+    magnitude 10); AugReg's M (TF scale, 10 = full range) is M x 3 here, capped at 30.
+    """
+
+    num_ops: int = 0
+    magnitude: int = 9
+    num_magnitude_bins: int = 31
+
+
+@dataclass
 class AugmentConfig:
-    """Training augmentation (the paper: Inception crop + flip) and eval resizing."""
+    """Training augmentation and eval resizing. Per image: the paper's Inception crop +
+    flip, then RandAugment; per batch (on the device): MixUp or CutMix with soft targets
+    (vitexp.data.transforms.BatchMix). The evaluation path only resizes and crops."""
 
     random_resized_crop: bool = True
     scale_min: float = 0.08  # lower bound of the crop's area fraction
     hflip: bool = True
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, center-crop img_size
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha); 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed at all (with either on)
+    switch_prob: float = 0.5  # with both on: probability of CutMix instead of MixUp
 
 
 @dataclass
@@ -104,6 +126,10 @@ class OptimConfig:
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     fused: bool = True  # PyTorch's fused optimizer kernel (CPU and CUDA); false: per-tensor loop
+    # layer-wise lr decay (BEiT, MAE, DeiT III fine-tuning): the head trains at lr, block i of
+    # L at lr * d ** (L - i), the stem (patch embedding, class token, position tables) at
+    # lr * d ** (L + 1); null: off, one lr for every layer. In (0, 1].
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -117,6 +143,19 @@ class ScheduleConfig:
 class LossConfig:
     name: str = "softmax"  # softmax | sigmoid (the paper's pretraining loss)
     label_smoothing: float = 0.0
+
+
+@dataclass
+class EMAConfig:
+    """Polyak / exponential moving average of the weights (vitexp.averaging), which
+    validation, test, few-shot, figures and fine-tuning then use. The paper averaged with
+    decay 0.9999 for its best ImageNet fine-tunes (Appendix B.1.1)."""
+
+    decay: float | None = None  # null: no average
+    # decay at update t: min(decay, (1 + t) / (10 + t)), as timm's ModelEmaV3 and TF's
+    # ExponentialMovingAverage(num_updates): early averages follow the trained weights
+    # rather than the first steps' (needed when the run is short next to 1 / (1 - decay))
+    warmup: bool = False
 
 
 @dataclass
@@ -194,6 +233,7 @@ class TrainConfig:
     name: str = "run"  # groups runs under outputs/<name>/
     seed: int = 0
     pretrained: str | None = None  # finetune: vitexp checkpoint or timm-format weight file
+    pretrained_weights: str = "averaged"  # averaged (the EMA, where the run kept one) | raw
     ckpt_path: str | None = None  # resume: a .ckpt path, or `last`
     output_root: str = "outputs"
     figures: bool = True  # pretraining: the paper's four figures at the end (vitexp.visualize)
@@ -202,6 +242,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
@@ -298,6 +339,18 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _validate_optim(c)
     _one_of("loss.name", c.loss.name, LOSSES)
     _fraction("loss.label_smoothing", c.loss.label_smoothing)
+    _one_of("pretrained_weights", c.pretrained_weights, PRETRAINED_WEIGHTS)
+    if c.ema.decay is not None:
+        if not 0 < c.ema.decay < 1:
+            raise ConfigError(
+                f"ema.decay={c.ema.decay!r} must be in (0, 1), e.g. 0.9999 (null: no average)"
+            )
+        if c.trainer.strategy == "fsdp":
+            raise ConfigError(
+                "ema.decay is set with trainer.strategy=fsdp: the average is a full copy of "
+                "the model on each rank, which FSDP's shards do not have; use trainer=ddp or "
+                "ema.decay=null"
+            )
     _validate_trainer(c.trainer)
     if c.trainer.strategy == "fsdp" and c.trainer.compile:
         raise ConfigError(
@@ -364,6 +417,24 @@ def _validate_data(d: DataConfig, key: str = "data") -> None:
         raise ConfigError(f"{key}.augment.scale_min={a.scale_min} must be in (0, 1]")
     if not 0 < a.crop_pct <= 1:
         raise ConfigError(f"{key}.augment.crop_pct={a.crop_pct} must be in (0, 1]")
+    _validate_augment(a, f"{key}.augment")
+
+
+def _validate_augment(a: AugmentConfig, key: str) -> None:
+    r = a.randaugment
+    _positive(f"{key}.randaugment.num_ops", r.num_ops, allow_zero=True)
+    _positive(f"{key}.randaugment.num_magnitude_bins", r.num_magnitude_bins)
+    if not 0 <= r.magnitude < r.num_magnitude_bins:
+        raise ConfigError(
+            f"{key}.randaugment.magnitude={r.magnitude} must be in [0, "
+            f"{r.num_magnitude_bins - 1}] ({key}.randaugment.num_magnitude_bins - 1 is each "
+            "op's full range)"
+        )
+    _positive(f"{key}.mixup_alpha", a.mixup_alpha, allow_zero=True)
+    _positive(f"{key}.cutmix_alpha", a.cutmix_alpha, allow_zero=True)
+    for name in ("mix_prob", "switch_prob"):
+        if not 0 <= getattr(a, name) <= 1:
+            raise ConfigError(f"{key}.{name}={getattr(a, name)!r} must be in [0, 1]")
 
 
 def check_subset(d: DataConfig, key: str = "data", error: type = ConfigError) -> None:
@@ -413,6 +484,10 @@ def _validate_optim(c: TrainConfig) -> None:
     _fraction("optim.beta1", o.beta1)
     _fraction("optim.beta2", o.beta2)
     _fraction("optim.momentum", o.momentum)
+    if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+        raise ConfigError(
+            f"optim.layer_decay={o.layer_decay!r} must be in (0, 1] (null: no layer-wise decay)"
+        )
     s = c.schedule
     _one_of("schedule.name", s.name, SCHEDULES)
     _positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)

@@ -187,7 +187,7 @@ class FewshotCommandConfig:
 
 def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
     """Few-shot accuracy of a checkpoint's model on `c.data`; writes fewshot.json."""
-    from vitexp.checkpoint import read_model
+    from vitexp.checkpoint import read_model, weights_of
     from vitexp.errors import ConfigError
     from vitexp.files import write_atomic
 
@@ -195,12 +195,13 @@ def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
     settings = FewshotConfig(**{**vars(c.fewshot), "data": c.data})
     validate_fewshot(settings, key="data", report=False)
-    model = read_model(c.pretrained, "pretrained")[0]
+    model, meta = read_model(c.pretrained, "pretrained")
     evaluator = FewShotEvaluator(settings, model.img_size, model.cfg.mean, model.cfg.std)
     scores = evaluator.evaluate(model)
     out = Path(c.out) if c.out else Path(c.pretrained).parent / "fewshot.json"
     report = {
         "pretrained": str(c.pretrained),
+        "weights": weights_of(meta),
         "shots": list(settings.shots),
         "draws": settings.draws,
         "l2_reg": settings.l2_reg,

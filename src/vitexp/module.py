@@ -7,6 +7,7 @@ how the network was built (`vitexp.checkpoint.load_pretrained`), so one module s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -70,6 +71,8 @@ class ViTModule(L.LightningModule):
         meta: facts saved with every checkpoint (stage, data name, class names, normalisation).
         compile: run the forward pass through `torch.compile` (the saved weights stay those of
             the plain module, so checkpoints never carry `_orig_mod.` prefixes).
+        batch_mix: MixUp / CutMix of each training batch (vitexp.data.transforms.BatchMix);
+            the loss then takes its soft targets. Validation and test see plain batches.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class ViTModule(L.LightningModule):
         loss: LossConfig,
         meta: dict[str, Any] | None = None,
         compile: bool = False,
+        batch_mix: Callable | None = None,
     ):
         super().__init__()
         # plain containers only: checkpoints must load with torch.load(weights_only=True)
@@ -90,6 +94,8 @@ class ViTModule(L.LightningModule):
         self.optim_cfg, self.schedule_cfg, self.loss_cfg = optim, schedule, loss
         self.meta = dict(meta or {})
         self._forward = [torch.compile(net) if compile else net]  # a list: not a submodule
+        self.batch_mix = batch_mix
+        self.test_key = "test"  # the log keys of a test: test/acc, or test_raw/acc (EMA)
         num_classes = net.num_classes
         top5 = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -101,47 +107,58 @@ class ViTModule(L.LightningModule):
         # the optimizer is built after wrapping, when parameters are flat 1-D shards
         skip = net.no_weight_decay()
         self._decayed = {n for n, p in net.named_parameters() if p.ndim >= 2 and n not in skip}
+        # layer-wise lr decay: each parameter's depth, from the plain model too (FSDP)
+        self._layer_ids = net.layer_ids() if optim.layer_decay is not None else None
         # (step, epoch, loss) of the steps whose loss has not been checked for NaN/inf yet
         self._unchecked_losses: list[tuple[int, int, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._forward[0](images)
 
-    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The configured loss of class indices (B,) or soft targets (B, classes), e.g. a
+        MixUp batch's; label smoothing applies to either."""
         smoothing = self.loss_cfg.label_smoothing
         if self.loss_cfg.name == "sigmoid":
-            targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-            targets = targets * (1 - smoothing) + smoothing / logits.shape[-1]
+            if targets.ndim == 1:
+                targets = F.one_hot(targets, logits.shape[-1])
+            targets = targets.to(logits.dtype) * (1 - smoothing) + smoothing / logits.shape[-1]
             return sigmoid_cross_entropy(logits, targets)
-        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        if targets.ndim > 1:
+            targets = targets.to(logits.dtype)
+        return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
     # --- steps -----------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch
+        targets = labels
+        if self.batch_mix is not None:
+            images, targets = self.batch_mix(images, labels)
+            labels = targets.argmax(-1)  # train/acc: the class with the most weight
         logits = self(images)
-        loss = self.loss_fn(logits, labels)
+        loss = self.loss_fn(logits, targets)
         self._unchecked_losses.append((self.global_step, self.current_epoch, loss.detach()))
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
         return loss
 
-    def _eval_step(self, batch, stage: str) -> None:
+    def _eval_step(self, batch, stage: str, key: str) -> None:
         images, labels = batch
         logits = self(images)
         acc, top5 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_top5")
         acc(logits, labels)
         top5(logits, labels)
         log = partial(self.log, on_step=False, on_epoch=True, sync_dist=True)
-        log(f"{stage}/loss", self.loss_fn(logits, labels))
-        log(f"{stage}/acc", acc, prog_bar=stage == "val")
-        log(f"{stage}/acc_top5", top5)
+        log(f"{key}/loss", self.loss_fn(logits, labels))
+        log(f"{key}/acc", acc, prog_bar=stage == "val")
+        log(f"{key}/acc_top5", top5)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", self.test_key)
 
     # --- divergence ------------------------------------------------------------------------
     def raise_if_diverged(self) -> None:
@@ -201,13 +218,37 @@ class ViTModule(L.LightningModule):
     # --- optimisation ----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on weight matrices only: not on norms, biases, position embeddings
-        or the class token."""
+        or the class token.
+
+        With `optim.layer_decay` d, one group per (layer id, decayed or not), the layer ids
+        being the model's (`net.layer_ids()`: 0 the stem ... L + 1 the head): a group's
+        `lr` is optim.lr * `lr_scale`, lr_scale = d ** (L + 1 - id). The schedule (LambdaLR)
+        scales each group from its own initial lr, so the ratios hold at every step."""
+        o = self.optim_cfg
         decay, no_decay = [], []
+        layered: dict[tuple[int, bool], dict[str, Any]] = {}
+        top = max(self._layer_ids.values()) if self._layer_ids is not None else 0
         for name, param in self.net.named_parameters():
             if not param.requires_grad:
                 continue
             plain = name.replace("_fsdp_wrapped_module.", "")  # FSDP's units (use_orig_params)
-            (decay if plain in self._decayed else no_decay).append(param)
+            decayed = plain in self._decayed
+            if self._layer_ids is None:
+                (decay if decayed else no_decay).append(param)
+                continue
+            layer = self._layer_ids[plain]
+            if (layer, decayed) not in layered:
+                scale = o.layer_decay ** (top - layer)
+                layered[layer, decayed] = {
+                    "params": [],
+                    "weight_decay": o.weight_decay if decayed else 0.0,
+                    "lr": o.lr * scale,
+                    "lr_scale": scale,
+                    "name": f"layer{layer}" + ("" if decayed else "_no_decay"),  # lr logs
+                }
+            layered[layer, decayed]["params"].append(param)
+        if self._layer_ids is not None:
+            return [layered[key] for key in sorted(layered)]
         return [
             {"params": decay, "weight_decay": self.optim_cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

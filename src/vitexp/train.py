@@ -34,7 +34,7 @@ from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
 from vitexp.errors import ConfigError, Interrupted
 from vitexp.files import write_atomic
 from vitexp.models import NotApplicableCell, build_model
-from vitexp.trainer import build_trainer, check_device, speed_switches
+from vitexp.trainer import build_trainer, check_device, speed_switches, weight_average
 
 log = logging.getLogger("vitexp")
 
@@ -43,6 +43,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     """Validate, train, test; returns what results.json holds. Every check (config, data,
     device, run directory, checkpoints) runs before the run directory gets any file."""
     from vitexp.data import ImageDataModule  # after validation: a bad config fails fast
+    from vitexp.data.transforms import BatchMix
     from vitexp.module import ViTModule
 
     start = time.time()
@@ -66,9 +67,17 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     pretrained, pretrained_meta = None, {}
     if c.stage == "finetune":
         pretrained = resolve_pretrained(c.pretrained)
-        pretrained_meta = load_pretrained(pretrained, net)
-    meta = {"stage": c.stage, "data": c.data.name}
-    module = ViTModule(net, c.optim, c.schedule, c.loss, meta, compile=speed_switches(c.trainer)[1])
+        pretrained_meta = load_pretrained(pretrained, net, c.pretrained_weights)
+    meta = {"stage": c.stage, "data": c.data.name, "ema_decay": c.ema.decay}
+    module = ViTModule(
+        net,
+        c.optim,
+        c.schedule,
+        c.loss,
+        meta,
+        compile=speed_switches(c.trainer)[1],
+        batch_mix=BatchMix.from_config(c.data.augment, data.num_classes),
+    )
     evaluator = None
     if c.stage == "pretrain" and c.fewshot.enabled:
         from vitexp.fewshot import FewShotEvaluator
@@ -85,15 +94,35 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     if c.data.num_classes is None:
         log.info("data.num_classes=%d, from the data (%s)", data.num_classes, data.origin)
     if pretrained is not None:
-        log.info("fine-tuning from %s at %s", pretrained, net.img_size)
+        averaged = pretrained_meta.get("ema_decay") is not None
+        log.info(
+            "fine-tuning from %s at %s%s",
+            pretrained,
+            net.img_size,
+            f" ({c.pretrained_weights} weights: its run kept an EMA "
+            f"{pretrained_meta['ema_decay']:g})"
+            if averaged
+            else "",
+        )
     if trainer.is_global_zero:
         rundir.write_config(cfg, run_dir, resumed=resume is not None)
         if c.logger.name == "wandb" and not (run_dir / "wandb_id.txt").is_file():
             write_atomic(run_dir / "wandb_id.txt", trainer.logger.version)
 
     fit(trainer, module, data, run_dir, resume)
+    # with ema.decay, the model now holds the average: test, few-shot and figures are of it
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
+    average = weight_average(trainer)
+    raw_metrics = None
+    if average is not None:  # the trained weights too, for comparison
+        averaged_state = {k: v.clone() for k, v in module.state_dict().items()}
+        average.use_raw(module)
+        module.test_key = "test_raw"
+        tested_raw = trainer.test(module, datamodule=data, verbose=False)[0]
+        module.test_key = "test"
+        raw_metrics = {k.replace("test_raw/", "test/"): float(v) for k, v in tested_raw.items()}
+        module.load_state_dict(averaged_state)
     baselines = None
     if c.data.source in BASELINE_SOURCES and c.data.subset is None and trainer.is_global_zero:
         baselines = pixel_baselines(*map(data.raw_split, ("train", "val", "test")))
@@ -110,6 +139,8 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "pos_embed": pos_embed_record(c.model),
         "seed": c.seed,
         "metrics": {k: float(v) for k, v in tested.items()},
+        "weights": average.describe() if average is not None else "trained",
+        "metrics_raw": raw_metrics,
         "fewshot": fewshot,
         "fewshot_report": f"{c.fewshot.data.name}/{c.fewshot.report_shot}shot" if fewshot else None,
         "baselines": baselines,
@@ -135,6 +166,13 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
             results["wall_time_s"],
             run_dir,
         )
+        if raw_metrics is not None:
+            log.info(
+                "test accuracy %.4f with the %s weights, %.4f with the trained ones",
+                results["metrics"].get("test/acc"),
+                results["weights"],
+                raw_metrics.get("test/acc"),
+            )
         if baselines is not None:
             log.info("%s", side_by_side(results["metrics"]["test/acc"], baselines, c.data.name))
     rundir.stop_logging_to_file()
@@ -241,7 +279,8 @@ def describe_run(
         f"{c.stage} {m.name}{variant} on "
         f"{c.data.name} ({num_classes} classes): {budget}, global batch {batch}, "
         f"{c.optim.name} lr {c.optim.lr:g}, {precision}{', compiled' if compiled else ''}, "
-        f"{trainer.world_size} process(es) -> {run_dir}"
+        + (f"EMA {c.ema.decay:g}, " if c.ema.decay is not None else "")
+        + f"{trainer.world_size} process(es) -> {run_dir}"
         + (f" (resuming {resume})" if resume else "")
     )
 

@@ -183,6 +183,13 @@ class ShardedStrategy(FSDPStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only)
 
 
+def weight_average(trainer: L.Trainer):
+    """The run's `vitexp.averaging.WeightAverage` callback, or None (no `ema.decay`)."""
+    from vitexp.averaging import WeightAverage
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, WeightAverage)), None)
+
+
 def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
     """The Lightning Trainer of a run; `evaluator` adds few-shot evaluation at validation."""
     t = c.trainer
@@ -208,6 +215,12 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         from vitexp.fewshot import FewShotCallback
 
         callbacks.append(FewShotCallback(evaluator))
+    if c.ema.decay is not None:
+        # after the few-shot callback, which scores the average before it is swapped out at
+        # the end of a validation, and before the figures, drawn of the average
+        from vitexp.averaging import WeightAverage
+
+        callbacks.append(WeightAverage(c.ema))
     if c.stage == "pretrain" and c.figures:
         from vitexp.visualize import FiguresCallback, draws
 

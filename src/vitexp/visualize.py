@@ -30,6 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from vitexp.checkpoint import weights_of
 from vitexp.errors import ConfigError
 from vitexp.files import write_atomic
 from vitexp.models import VisionTransformer
@@ -289,7 +290,8 @@ class FiguresCallback(L.Callback):
                 self.images, net.img_size, net.cfg.in_chans, self.max_images
             )
             pngs, report = make_figures(net, images, names, self.mean, self.std, self.layer)
-            report = {"step": trainer.global_step, **report}
+            weights = weights_of(getattr(pl_module, "meta", {}))
+            report = {"step": trainer.global_step, "weights": weights, **report}
             write_figures(self.out_dir, pngs, report)
             log_figures(trainer.loggers, pngs, trainer.global_step)
         except Exception as err:
@@ -320,7 +322,7 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
         raise ConfigError(f"max_images={c.max_images} must be >= 1")
     from vitexp.checkpoint import read_model
 
-    model = read_model(c.pretrained, "pretrained")[0]
+    model, meta = read_model(c.pretrained, "pretrained")
     if not draws(model.cfg):
         raise ConfigError(
             f"pretrained={c.pretrained} is a {model.cfg.name} model; the figures (attention, "
@@ -329,7 +331,7 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
     resolve_layer(c.layer, len(model.encoder.blocks))  # fail before reading any image
     images, names = load_images(c.images, model.img_size, model.cfg.in_chans, c.max_images)
     pngs, report = make_figures(model, images, names, model.cfg.mean, model.cfg.std, c.layer)
-    report = {"pretrained": str(c.pretrained), **report}
+    report = {"pretrained": str(c.pretrained), "weights": weights_of(meta), **report}
     out = Path(c.out) if c.out else default_out(Path(c.pretrained))
     try:
         paths = write_figures(out, pngs, report)

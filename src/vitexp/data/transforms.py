@@ -1,9 +1,12 @@
 """Train and eval pipelines (torchvision.transforms.v2) from a PIL RGB image to the model's
 normalised float32 (3, H, W) input.
 
-train: the paper's Inception crop (RandomResizedCrop) or a plain Resize, optional flip.
+train: the paper's Inception crop (RandomResizedCrop) or a plain Resize, optional flip,
+       optional RandAugment (AugReg's per-image augmentation).
 eval:  Resize to img_size / crop_pct, then CenterCrop(img_size); crop_pct == 1.0 resizes to
        exactly img_size (nothing is cropped, the aspect may change).
+batch: `BatchMix`, MixUp or CutMix of a whole training batch with soft targets (AugReg's
+       per-batch augmentation), applied by the LightningModule on the device.
 The random ops draw from torch's global RNG; the datamodule seeds it per sample, only where
 the pipeline has any (`is_random`). The last step, pixels to normalised floats, is one fused
 op: v2's ToImage + ToDtype + Normalize cost ~0.4 ms an image, which on small images was
@@ -39,6 +42,9 @@ def build_transforms(
         ]
         if augment.hflip:
             ops.append(v2.RandomHorizontalFlip())
+        r = augment.randaugment
+        if r.num_ops:
+            ops.append(v2.RandAugment(r.num_ops, r.magnitude, r.num_magnitude_bins))
     elif augment.crop_pct >= 1.0:
         ops = [v2.Resize(size, antialias=True)]
     else:
@@ -46,8 +52,42 @@ def build_transforms(
         shorter = max(math.floor(max(size) / augment.crop_pct), max(size))
         ops = [v2.Resize(shorter, antialias=True), v2.CenterCrop(size)]
     pipeline = v2.Compose([*ops, ToNormalizedTensor(mean, std)])
-    pipeline.is_random = train and (augment.random_resized_crop or augment.hflip)
+    pipeline.is_random = train and (
+        augment.random_resized_crop or augment.hflip or augment.randaugment.num_ops > 0
+    )
     return pipeline
+
+
+class BatchMix:
+    """MixUp or CutMix on a training batch: (images, int labels) -> (mixed images, soft
+    targets (B, classes)); with probability 1 - mix_prob the batch only becomes one-hot.
+    torchvision's v2.MixUp / v2.CutMix do the mixing; their random draws (and the choice
+    here) come from torch's CPU generator, which the run seeds and every checkpoint
+    saves, so a resumed run mixes the same way."""
+
+    def __init__(self, augment: AugmentConfig, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.mix_prob = augment.mix_prob
+        self.choices: list = []
+        self.p: list[float] = []
+        if augment.mixup_alpha > 0:
+            self.choices.append(v2.MixUp(alpha=augment.mixup_alpha, num_classes=num_classes))
+            self.p.append(1 - augment.switch_prob if augment.cutmix_alpha > 0 else 1.0)
+        if augment.cutmix_alpha > 0:
+            self.choices.append(v2.CutMix(alpha=augment.cutmix_alpha, num_classes=num_classes))
+            self.p.append(augment.switch_prob if augment.mixup_alpha > 0 else 1.0)
+
+    @classmethod
+    def from_config(cls, augment: AugmentConfig, num_classes: int) -> BatchMix | None:
+        """None when the config mixes nothing."""
+        return cls(augment, num_classes) if augment.mixup_alpha or augment.cutmix_alpha else None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        if float(torch.rand(())) >= self.mix_prob:
+            targets = torch.nn.functional.one_hot(labels, self.num_classes)
+            return images, targets.to(images.dtype)
+        pick = int(torch.multinomial(torch.tensor(self.p), 1)) if len(self.p) > 1 else 0
+        return self.choices[pick](images, labels)
 
 
 class ToNormalizedTensor:
