@@ -161,7 +161,7 @@ def test_fsdp_config_errors_are_one_line(overrides, message):
     assert re.search(message, error_line(overrides)), error_line(overrides)
 
 
-def test_vith14_518_preset_composes_with_fsdp_and_checkpointing():
+def test_vith14_518_preset_composes_with_ddp_averaging_and_checkpointing():
     c = validate(compose_cfg(["+experiment=finetune_vith14_518", "pretrained=vith14.npz"]))
     assert (c.stage, c.model.name, c.model.img_size, c.model.patch_size) == (
         "finetune",
@@ -169,7 +169,7 @@ def test_vith14_518_preset_composes_with_fsdp_and_checkpointing():
         (518, 518),
         14,
     )
-    assert c.model.grad_checkpointing and c.trainer.strategy == "fsdp"
+    assert c.model.grad_checkpointing and c.trainer.strategy == "ddp" and c.ema.decay == 0.9999
     assert (c.trainer.devices, c.data.batch_size, c.data.global_batch_size) == (8, 64, 512)
     assert (c.optim.name, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.9, 0.0)
     assert c.optim.lr in (0.003, 0.01, 0.03, 0.06)

@@ -154,6 +154,27 @@ def scaling_section(out: Path, cells: dict, metric: str) -> str:
     )
 
 
+def recipes_section(out: Path) -> str:
+    """AugReg levels x EMA (`--studies recipes`), when that study ran."""
+    from vitexp import recipes
+
+    found = recipes.table(out) if (out / "recipes").is_dir() else []
+    if not found:
+        return ""
+    head = [h for title, _, _ in recipes.COLUMNS for h in (title, "±")]
+    rows = [
+        (level, [num(x) for values in columns for x in recipes.mean_std(values)])
+        for level, columns in found
+    ]
+    return (
+        "<h2>Recipes: AugReg augmentation levels and a weight average</h2>"
+        + table(head, rows, "augment")
+        + "<p class='note'>mean and std over seeds; EMA: the weight average "
+        "(decay 0.99, warmup) of the same runs; fine-tuned: 300 steps from the trained "
+        "pretraining weights.</p>"
+    )
+
+
 def figures_section(out: Path) -> str:
     d = out / "quickstart" / "pretrain" / "figures"
     names = {
@@ -231,6 +252,7 @@ def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -
         quickstart_section(out),
         table8_section(out, t8_cells, t8_metric or "few-shot"),
         scaling_section(out, sc_cells, sc_metric or "few-shot"),
+        recipes_section(out),
         figures_section(out),
         timing_section(out, jobs, timing),
         configs_section(out, jobs),

@@ -4,6 +4,7 @@ experiment of the paper on the embedded data, then one self-contained report.htm
     quickstart/    pretrain (shapes, with the four figures), finetune (digits), scratch
     table8/        the ablation_posemb preset's sweep x 3 seeds (the paper's Table 8)
     data_scaling/  the data_scaling preset's sweep x 2 seeds (the paper's Figure 4)
+    recipes/       only with --studies recipes: AugReg levels and EMA (vitexp.recipes)
     report.html    tables, plots, figures, the claims' numbers, configs and timings
 
 Each job is one `python -m vitexp.train` run in its own fixed directory, so the command is
@@ -118,7 +119,31 @@ def quickstart_jobs(out: Path) -> list[Job]:
     ]
 
 
-STUDIES = ("quickstart", *SWEEPS)
+STUDIES = ("quickstart", *SWEEPS)  # `make reproduce`'s default
+# opt-in (--studies recipes): AugReg levels x seeds, each pretraining fine-tuned (vitexp.recipes)
+OPTIONAL_STUDIES = ("recipes",)
+
+
+def seed_of(job: Job) -> str:
+    """The job's `seed=N` override."""
+    return next(o for o in job.overrides if o.startswith("seed="))
+
+
+def recipe_jobs(out: Path, seeds: int | None) -> list[Job]:
+    """The augreg_sweep preset's pretrainings, then each one fine-tuned on digits."""
+    from vitexp import recipes
+
+    pretrain = sweep_jobs("recipes", recipes.PRESET, seeds or recipes.SEEDS)
+    finetune = [
+        Job(
+            "recipes_finetune",
+            job.name,
+            [*recipes.FINETUNE, f"pretrained='{out / job.study / job.name}'", seed_of(job)],
+            after=job.key,
+        )
+        for job in pretrain
+    ]
+    return pretrain + finetune
 
 
 def plan(
@@ -131,14 +156,17 @@ def plan(
     from vitexp.models import NotApplicableCell
     from vitexp.rundir import write_job_record
 
-    unknown = [s for s in studies if s not in STUDIES]
+    known = (*STUDIES, *OPTIONAL_STUDIES)
+    unknown = [s for s in studies if s not in known]
     if unknown:
-        raise ConfigError(f"--studies {','.join(unknown)}: choose from {','.join(STUDIES)}")
+        raise ConfigError(f"--studies {','.join(unknown)}: choose from {','.join(known)}")
     with config_dir():
         jobs = quickstart_jobs(out) if "quickstart" in studies else []
         for study, (preset, own_seeds) in SWEEPS.items():
             if study in studies:
                 jobs += sweep_jobs(study, preset, seeds or own_seeds)
+        if "recipes" in studies:
+            jobs += recipe_jobs(out, seeds)
         for job in jobs:
             job.overrides += list(extra)
             job_dir = out / job.study / job.name
@@ -307,6 +335,11 @@ def reproduce(
 
     Runner(out, jobs).run(planned, say)
     summaries = {s: report.report(out / s) for s in SWEEPS if s in studies}
+    if "recipes" in studies:
+        from vitexp import recipes
+
+        write_atomic(out / "recipes" / "recipes.md", recipes.markdown(out))
+        print(recipes.markdown(out), flush=True)
     timing = {"wall_s_this_call": round(time.time() - start, 1), "jobs_in_parallel": jobs}
     html = write_report(out, planned, timing, summaries)
     failed = [j for j in planned if j.status == "failed"]
@@ -325,7 +358,9 @@ def main() -> None:
         "--seeds", type=int, default=None, help="seeds per cell (default: Table 8 3, data size 2)"
     )
     parser.add_argument(
-        "--studies", default=",".join(STUDIES), help=f"a subset of {','.join(STUDIES)}"
+        "--studies",
+        default=",".join(STUDIES),
+        help=f"a subset of {','.join(STUDIES)} (the default), or {','.join(OPTIONAL_STUDIES)}",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every job"

@@ -114,7 +114,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
     average = weight_average(trainer)
-    raw_metrics = None
+    raw_metrics = fewshot_raw = None
     if average is not None:  # the trained weights too, for comparison
         averaged_state = {k: v.clone() for k, v in module.state_dict().items()}
         average.use_raw(module)
@@ -122,6 +122,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         tested_raw = trainer.test(module, datamodule=data, verbose=False)[0]
         module.test_key = "test"
         raw_metrics = {k.replace("test_raw/", "test/"): float(v) for k, v in tested_raw.items()}
+        fewshot_raw = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
         module.load_state_dict(averaged_state)
     baselines = None
     if c.data.source in BASELINE_SOURCES and c.data.subset is None and trainer.is_global_zero:
@@ -142,6 +143,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "weights": average.describe() if average is not None else "trained",
         "metrics_raw": raw_metrics,
         "fewshot": fewshot,
+        "fewshot_raw": fewshot_raw,
         "fewshot_report": f"{c.fewshot.data.name}/{c.fewshot.report_shot}shot" if fewshot else None,
         "baselines": baselines,
         **training_facts(trainer, c, run_dir),

@@ -15,6 +15,7 @@ imports those (same logits).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,9 @@ class BiTConfig(ModelConfig):
     width: channels of the root conv and bottleneck width of the first stage, before the
         width factor (64 in every BiT); stage i's blocks output 4 * width * 2**i channels.
     width_factor: BiT's width multiplier (the x1, x2, x4 of R50x1 ... R152x4).
+    head_bias_init: every logit's bias at construction (as the ViT's: big_vision's
+        bit_i21k config starts at -10 with the sigmoid loss). Not architecture: fine-tuning's
+        new head starts at zero, and neither loading nor resuming compares it.
     mean, std: the input normalisation the model expects (BiT's: [-1, 1]).
     """
 
@@ -54,6 +58,7 @@ class BiTConfig(ModelConfig):
     layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
     width: int = 64
     width_factor: int = 1
+    head_bias_init: float = 0.0
 
     # what must agree between a pretrained checkpoint and the model fine-tuned from it
     ARCHITECTURE = ("in_chans", "layers", "width", "width_factor")
@@ -78,6 +83,8 @@ class BiTConfig(ModelConfig):
                 f"width={self.width} x width_factor={self.width_factor} must be a multiple of "
                 f"{GROUPS} (GroupNorm's {GROUPS} groups)"
             )
+        if not math.isfinite(self.head_bias_init):
+            raise ValueError(f"head_bias_init={self.head_bias_init!r} must be a finite number")
         self.check_mean_std(self.in_chans)
 
     @property
@@ -101,7 +108,7 @@ class ResNetV2(nn.Module):
     Has the interface of `VisionTransformer` that training, few-shot evaluation and
     fine-tuning use: `cfg`, `num_classes`, `img_size`, `grid_size` (here: the last feature
     map), `forward_features` (the feature map, (B, C, h, w)), `forward_head(x, pre_logits)`,
-    `reset_classifier`, `resize`, `no_weight_decay`.
+    `reset_classifier`, `resize`, `no_weight_decay`, `layer_ids`.
     """
 
     def __init__(self, cfg: BiTConfig | None = None, num_classes: int = 1000, **overrides: Any):
@@ -128,7 +135,8 @@ class ResNetV2(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """He (fan-out) init of the convs, unit GN scales, zero head (as the ViT's)."""
+        """He (fan-out) init of the convs, unit GN scales, zero head weights and the head
+        bias at `head_bias_init` (as the ViT's)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -137,7 +145,7 @@ class ResNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            nn.init.constant_(self.head.bias, self.cfg.head_bias_init)
 
     @property
     def img_size(self) -> Size2d:
@@ -184,3 +192,21 @@ class ResNetV2(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """No embeddings here (the optimizer already skips norms and biases, the 1-D ones)."""
         return set()
+
+    def layer_ids(self) -> dict[str, int]:
+        """Each parameter's depth for layer-wise lr decay (`optim.layer_decay`), here because
+        only the model knows where its parameters sit: 0 the root conv, then one step per
+        residual block counted across the stages (1 ... sum(layers)), and sum(layers) + 1
+        the head with its pre-activation norm."""
+        layers = self.cfg.layers
+        first = [1 + sum(layers[:i]) for i in range(len(layers))]  # each stage's first block
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "stem":
+                ids[name] = 0
+            elif parts[0] == "stages":
+                ids[name] = first[int(parts[1])] + int(parts[2])
+            else:
+                ids[name] = sum(layers) + 1
+        return ids

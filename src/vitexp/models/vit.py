@@ -11,6 +11,7 @@ token or global average pooling, an optional pre-logits layer and a hybrid CNN s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,6 +50,11 @@ class ViTConfig(ModelConfig):
     grad_checkpointing: recompute each block's activations in the backward pass (training
         only; same results, less memory, ~1/3 more compute). Not architecture: the weights
         are the same with or without it.
+    head_bias_init: every logit's bias at construction (the head's weights start at zero).
+        With the sigmoid loss over many classes, a negative bias makes the first loss small
+        (big_vision: -10 for ImageNet-21k, ln(1/1000) = -6.9 for ImageNet-1k); 0 for
+        softmax. An init, not architecture: fine-tuning's new head starts at zero
+        (`reset_classifier`), and neither loading nor resuming compares it.
     mean, std: the input normalisation the model expects (the paper's code: [-1, 1]).
     """
 
@@ -73,6 +79,7 @@ class ViTConfig(ModelConfig):
     stem: str = "patch"
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
+    head_bias_init: float = 0.0
     # mean, std: from ModelConfig
 
     # what must agree between a pretrained checkpoint and the model fine-tuned from it
@@ -110,6 +117,8 @@ class ViTConfig(ModelConfig):
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be in [0.0, 1.0)")
+        if not math.isfinite(self.head_bias_init):
+            raise ValueError(f"head_bias_init={self.head_bias_init!r} must be a finite number")
         self.check_mean_std(self.in_chans)
 
 
@@ -315,7 +324,8 @@ class VisionTransformer(nn.Module):
 
     # --- construction helpers -------------------------------------------------------------
     def _init_weights(self) -> None:
-        """The original JAX init: xavier dense layers, lecun patch projection, zero head."""
+        """The original JAX init: xavier dense layers, lecun patch projection, zero head
+        weights, head bias `head_bias_init` (0 unless set)."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -329,7 +339,7 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            nn.init.constant_(self.head.bias, self.cfg.head_bias_init)
 
     @property
     def embed_dim(self) -> int:
@@ -415,3 +425,24 @@ class VisionTransformer(nn.Module):
             for name, _ in self.named_parameters()
             if name == "cls_token" or ".pos_embeds." in name or ".rel_pos." in name
         }
+
+    def layer_ids(self) -> dict[str, int]:
+        """Each parameter's depth for layer-wise lr decay (`optim.layer_decay`), here because
+        only the model knows where its parameters sit: 0 the stem (patch or hybrid CNN
+        embedding, class token, the stem's position table and the table every layer
+        shares), i + 1 block i (its own relative table, and its own position table under
+        placement=every_layer), depth + 1 what follows the blocks (final norm, fc_norm,
+        pre-logits, head)."""
+        per_layer = self.cfg.pos_embed.placement == "every_layer"
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if name.startswith("encoder.blocks."):
+                ids[name] = int(parts[2]) + 1
+            elif name.startswith("encoder.pos_embeds."):
+                ids[name] = int(parts[2]) + 1 if per_layer else 0
+            elif parts[0] in ("patch_embed", "cls_token"):
+                ids[name] = 0
+            else:
+                ids[name] = self.cfg.depth + 1
+        return ids
