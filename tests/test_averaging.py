@@ -74,13 +74,19 @@ def test_the_checkpoint_holds_the_average_and_the_trained_weights(averaged_run):
 def test_test_and_few_shot_use_the_average_and_the_raw_test_uses_the_trained(averaged_run):
     run_dir, result, seen = averaged_run
     last = run_dir / "checkpoints" / "last.ckpt"
-    averaged = {k[4:]: v for k, v in states(last)[0].items() if k.startswith("net.")}
-    # validations at steps 2, 4, 6, then the final few-shot: the last two are the end's
-    for key, value in averaged.items():
-        torch.testing.assert_close(seen[-1][key], value, rtol=0, atol=0)
-    # the end-of-run validation saw the same average: its last.ckpt was written there
+    averaged, trained = (
+        {k[4:]: v for k, v in s.items() if k.startswith("net.")} for s in states(last)
+    )
+    # validations at steps 2, 4, 6, then the final few-shot of the average, then of the
+    # trained weights (`fewshot_raw`)
+    assert len(seen) == 5
     for key, value in averaged.items():
         torch.testing.assert_close(seen[-2][key], value, rtol=0, atol=0)
+        # the end-of-run validation saw the same average: its last.ckpt was written there
+        torch.testing.assert_close(seen[-3][key], value, rtol=0, atol=0)
+    for key, value in trained.items():
+        torch.testing.assert_close(seen[-1][key], value, rtol=0, atol=0)
+    assert result["fewshot"] != result["fewshot_raw"]
     x = torch.randn(4, 3, 32, 32)
     logits_avg, logits_raw = net_of(last)(x), net_of(last, RAW_WEIGHTS_KEY)(x)
     assert not torch.allclose(logits_avg, logits_raw)
