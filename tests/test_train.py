@@ -78,6 +78,11 @@ def test_pretrain_writes_config_checkpoints_logs_results(pretrained: Path):
     model = load_model(pretrained / "checkpoints" / "last.ckpt")
     assert model.grid_size == (4, 4) and model.num_prefix_tokens == 1 and not model.training
     assert ckpt["global_step"] == 4
+    # the head's classes, in order, travel with the checkpoint and the results
+    from vitexp.data.shapes import class_names
+
+    names = class_names(8)
+    assert ckpt["vitexp"]["class_names"] == results["class_names"] == names
     figures = {p.name for p in (pretrained / "figures").iterdir()}
     assert {
         "attention_maps.png",
@@ -96,6 +101,8 @@ def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):
     assert load_model(results["checkpoint"]).grid_size == (6, 6)  # 48 px / 8 px patches
     assert ckpt["state_dict"]["net.encoder.pos_embeds.0.weight"].shape == (1, 37, 32)
     assert ckpt["state_dict"]["net.head.weight"].shape == (10, 32)
+    digits = [str(d) for d in range(10)]  # the new head's classes, not the pretraining's
+    assert ckpt["vitexp"]["class_names"] == results["class_names"] == digits
     # digits: the raw-pixel baselines on the same split, beside the run's own accuracy
     baselines = results["baselines"]
     assert set(baselines) == {"logistic_regression", "rbf_svm"}

@@ -68,7 +68,12 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     if c.stage == "finetune":
         pretrained = resolve_pretrained(c.pretrained)
         pretrained_meta = load_pretrained(pretrained, net, c.pretrained_weights)
-    meta = {"stage": c.stage, "data": c.data.name, "ema_decay": c.ema.decay}
+    meta = {
+        "stage": c.stage,
+        "data": c.data.name,
+        "class_names": data.class_names,  # the head's outputs, in order: what predictions say
+        "ema_decay": c.ema.decay,
+    }
     module = ViTModule(
         net,
         c.optim,
@@ -136,6 +141,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "data": c.data.name,
         "data_subset": c.data.subset,
         "train_images": data.train_images,
+        "class_names": data.class_names,
         "model": c.model.name,
         "pos_embed": pos_embed_record(c.model),
         "seed": c.seed,
