@@ -1,9 +1,10 @@
 """What a run shows while it trains: the progress bar (without a host-device sync at every
-step) and a line per validation."""
+step), a line per validation, and a console without the libraries' chatter."""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
@@ -25,11 +26,25 @@ class ProgressBar(RichProgressBar):
         self._metrics: dict = {}
         self._read_at: int | None = None
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """`step 120/2100 (epoch 1)` instead of Lightning's `Epoch 1/-2` for step budgets."""
+        trainer = self.trainer
+        steps = trainer.max_steps if trainer.max_steps > 0 else None
+        done = trainer.global_step
+        return f"step {done}/{steps} (epoch {current_epoch})" if steps else f"epoch {current_epoch}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            description = self._get_train_description(trainer.current_epoch)
+            self.progress.update(self.train_progress_bar_id, description=description)
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         step = trainer.global_step
         stale = self._read_at is None or (step != self._read_at and step % self.every_n_steps == 0)
         if not trainer.training or stale:
             self._metrics = super().get_metrics(trainer, pl_module)
+            self._metrics.pop("v_num", None)  # the logger's version: not a metric
             self._read_at = step
         return self._metrics
 
@@ -47,3 +62,56 @@ class ValidationLog(L.Callback):
                 shown.append(f"{key} {float(value):.4g}")
         step, epoch = trainer.global_step, trainer.current_epoch
         log.info("step %d (epoch %d): %s", step, epoch, ", ".join(shown))
+
+
+# library warnings that say nothing about the run: to train.log only
+HARMLESS_WARNINGS = (
+    "The `srun` command is available on your system but is not used",  # any SLURM host
+    "`isinstance(treespec, LeafSpec)` is deprecated",  # Lightning's own use of torch
+)
+CHATTY = ("lightning.pytorch", "lightning.fabric", "py.warnings")  # loggers routed by this
+EARLY = "vitexp-early"  # the buffer of what they say before train.log exists
+
+
+class ConsoleFilter(logging.Filter):
+    """On the console only: Lightning's info lines (devices, tips, why fit stopped) and the
+    harmless warnings go to train.log alone; Lightning's warnings and errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("lightning") and record.levelno < logging.WARNING:
+            return False
+        if record.name == "py.warnings":
+            return not any(text in record.getMessage() for text in HARMLESS_WARNINGS)
+        return True
+
+
+def quiet_console() -> None:
+    """Route library chatter away from the console (warnings become log records, so that
+    they can be routed) and keep what it says before the run directory exists, for
+    train.log (`vitexp.rundir.log_to_file` flushes it there)."""
+    logging.captureWarnings(True)
+    for name in ("", *CHATTY):
+        for handler in logging.getLogger(name).handlers:
+            console = type(handler) is logging.StreamHandler
+            if console and not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+                handler.addFilter(ConsoleFilter())
+    early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    early.set_name(EARLY)
+    for name in CHATTY:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.name == EARLY]:
+            logger.removeHandler(old)
+        logger.addHandler(early)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+def flush_early_log(target: logging.Handler) -> None:
+    """Write what the libraries said before train.log existed into it, and stop buffering."""
+    for name in CHATTY:
+        logger = logging.getLogger(name)
+        for early in [h for h in logger.handlers if h.name == EARLY]:
+            early.setTarget(target)
+            early.flush()
+            logger.removeHandler(early)
+            early.close()

@@ -21,6 +21,7 @@ from vitexp.checkpoint import checkpoint_exists
 from vitexp.config import TrainConfig, without_hydra
 from vitexp.errors import CheckpointError, ConfigError
 from vitexp.files import write_atomic
+from vitexp.progress import CHATTY, flush_early_log
 
 log = logging.getLogger("vitexp")
 _IMPORTED_AT = time.time() - 1.0  # mtime granularity: a directory Hydra makes is newer
@@ -83,6 +84,7 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
 
 
 RUN_LOG = "vitexp-train-log"  # the name of the train.log handler of the run in progress
+LOGGED = ("vitexp", *CHATTY)  # the loggers whose records train.log keeps
 
 
 def log_to_file(run_dir: Path) -> None:
@@ -95,7 +97,8 @@ def log_to_file(run_dir: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     handler.set_name(RUN_LOG)
-    for name in ("vitexp", "lightning.pytorch"):
+    flush_early_log(handler)  # what Lightning said while the Trainer was built
+    for name in LOGGED:
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         if logger.getEffectiveLevel() > logging.INFO:
@@ -112,7 +115,7 @@ def stop_logging_to_file(error: str | None = None) -> None:
         return
     if error:
         handler.handle(logging.makeLogRecord({"msg": f"error: {error}", "levelname": "ERROR"}))
-    for name in ("vitexp", "lightning.pytorch"):
+    for name in LOGGED:
         logging.getLogger(name).removeHandler(handler)
     handler.close()
 

@@ -34,6 +34,7 @@ from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
 from vitexp.errors import ConfigError, Interrupted
 from vitexp.files import write_atomic
 from vitexp.models import NotApplicableCell, build_model
+from vitexp.progress import quiet_console
 from vitexp.trainer import build_trainer, check_device, speed_switches, weight_average
 
 log = logging.getLogger("vitexp")
@@ -47,6 +48,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     from vitexp.module import ViTModule
 
     start = time.time()
+    quiet_console()
     c = validate(cfg)
     hydra_dir = Path(hydra_dir or rundir.hydra_run_dir())
     if (finished := rundir.finished_requeue(hydra_dir)) is not None:
@@ -95,7 +97,8 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         rundir.remove_new_empty_dirs(hydra_dir)  # the fresh directory Hydra made for this attempt
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.log_to_file(run_dir)
-    log.info("%s", describe_run(c, trainer, data.num_classes, run_dir, resume))
+    for line in describe_run(c, trainer, net, data.num_classes, run_dir, resume):
+        log.info("%s", line)
     if c.data.num_classes is None:
         log.info("data.num_classes=%d, from the data (%s)", data.num_classes, data.origin)
     if pretrained is not None:
@@ -274,23 +277,31 @@ def pos_embed_record(m: Any) -> dict[str, str] | None:
 
 
 def describe_run(
-    c: TrainConfig, trainer: L.Trainer, num_classes: int, run_dir: Path, resume: Path | None
-) -> str:
-    """The config summary line at the top of a run's console output and train.log."""
+    c: TrainConfig,
+    trainer: L.Trainer,
+    net: nn.Module,
+    num_classes: int,
+    run_dir: Path,
+    resume: Path | None,
+) -> list[str]:
+    """The lines at the top of a run's console output and train.log: where it writes, the
+    model, the data and the recipe."""
     t, m = c.trainer, c.model
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.max_epochs} epochs"
     precision, compiled = speed_switches(t)
-    batch = global_batch(c, trainer)
     pos = pos_embed_record(m)
-    variant = f" ({pos['kind']}/{pos['placement']}, {m.pool})" if pos else ""
-    return (
-        f"{c.stage} {m.name}{variant} on "
-        f"{c.data.name} ({num_classes} classes): {budget}, global batch {batch}, "
-        f"{c.optim.name} lr {c.optim.lr:g}, {precision}{', compiled' if compiled else ''}, "
-        + (f"EMA {c.ema.decay:g}, " if c.ema.decay is not None else "")
-        + f"{trainer.world_size} process(es) -> {run_dir}"
-        + (f" (resuming {resume})" if resume else "")
-    )
+    variant = f", {pos['kind']}/{pos['placement']}, {m.pool}" if pos else ""
+    n = sum(p.numel() for p in net.parameters())
+    params = f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+    return [
+        f"run: {run_dir}" + (f" (resuming {resume})" if resume else ""),
+        f"model: {m.name} ({params} parameters{variant})",
+        f"data: {c.data.name}, {num_classes} classes, {c.stage}",
+        f"recipe: {budget}, global batch {global_batch(c, trainer)}, {c.optim.name} lr "
+        f"{c.optim.lr:g}, {precision}{', compiled' if compiled else ''}"
+        + (f", EMA {c.ema.decay:g}" if c.ema.decay is not None else "")
+        + f", {trainer.world_size} process(es)",
+    ]
 
 
 register_configs()

@@ -247,6 +247,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         logger=build_logger(c.logger, run_dir),
         default_root_dir=run_dir,
         enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,  # the run's first lines say the model and its size
         use_distributed_sampler=False,  # the data module shards by rank itself
         plugins=[AtomicCheckpointIO(), *slurm],
     )
