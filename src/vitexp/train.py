@@ -74,6 +74,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "stage": c.stage,
         "data": c.data.name,
         "class_names": data.class_names,  # the head's outputs, in order: what predictions say
+        "eval_crop_pct": c.data.augment.crop_pct,  # the eval preprocessing (vitexp.predict)
         "ema_decay": c.ema.decay,
     }
     module = ViTModule(

@@ -27,9 +27,10 @@ class ImageDecoder:
     >= min_size; images above PIL's decompression-bomb limit count as corrupt.
     """
 
-    def __init__(self, on_corrupt: str = "error", min_size: int = 0) -> None:
+    def __init__(self, on_corrupt: str = "error", min_size: int = 0, key: str = "data") -> None:
         self.on_corrupt = on_corrupt
         self.min_size = min_size
+        self.switch = f"{key}.on_corrupt" if key else "on_corrupt"  # named in messages
 
     def __call__(self, src: Any, name: str) -> Image.Image | None:
         try:
@@ -65,13 +66,13 @@ class ImageDecoder:
         if self.on_corrupt == "error":
             raise DataError(
                 f"{name}: unreadable image ({reason}); repair or remove it, "
-                "or set data.on_corrupt=skip"
+                f"or set {self.switch}=skip"
             )
         if name not in _SKIPPED:
             _SKIPPED.add(name)
             warnings.warn(
                 f"skipping unreadable image {name} ({reason}); {len(_SKIPPED)} skipped so far "
-                "(data.on_corrupt=skip)",
+                f"({self.switch}=skip)",
                 stacklevel=3,
             )
         return None
