@@ -1,0 +1,228 @@
+"""`python -m vitexp.export pretrained=CKPT out=DIR [format=timm|torchscript|onnx]`: a trained
+model in the formats the ecosystem loads, with a model card.
+
+    timm         model.safetensors + config.json in timm's hub format: in any Python with
+                 timm, `timm.create_model("local-dir:DIR")` rebuilds it (architecture,
+                 num_classes, model_args, pretrained_cfg with the class names and the
+                 preprocessing). ViTs whose computation timm's VisionTransformer has: a
+                 learned 1-D table at the stem, class token or GAP, any size, patch size
+                 and resolution, no pre-logits layer.
+    torchscript  model.pt: the model with its preprocessing (resize to its input size,
+                 normalise), taking float images in [0, 1] of any size.
+    onnx         model.onnx: the same graph (needs the `onnx` package).
+
+Every format exports the checkpoint's `state_dict`: the weight average where the run kept
+one. README.md beside the weights is the model card (`vitexp.model_card`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitexp.errors import ConfigError
+
+FORMATS = ("timm", "torchscript", "onnx")
+TIMM_ARCHITECTURE = "vit_base_patch16_224"  # a registered name; model_args set every size
+
+
+@dataclass
+class ExportCommandConfig:
+    pretrained: str | None = None  # a vitexp checkpoint
+    out: str | None = None  # a directory (created)
+    format: str = "timm"
+
+
+def _pair(value: Any) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * 2
+
+
+def timm_model_args(model: nn.Module) -> dict[str, Any]:
+    """timm VisionTransformer arguments that compute what `model` computes; a variant timm
+    does not have raises ConfigError naming it."""
+    from vitexp.models import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"format=timm exports ViTs; this is a {model.cfg.name} model (use format=torchscript)"
+        )
+    m = model.cfg
+    lacks = []
+    if (m.pos_embed.kind, m.pos_embed.placement) != ("learned_1d", "stem"):
+        lacks.append(f"position embedding {m.pos_embed.kind}/{m.pos_embed.placement}")
+    if m.stem != "patch":
+        lacks.append(f"the {m.stem} hybrid stem (not exported to timm yet)")
+    if m.patch_stride is not None and _pair(m.patch_stride) != _pair(m.patch_size):
+        lacks.append(f"overlapping patches (patch_stride={m.patch_stride})")
+    if m.representation_size is not None:
+        lacks.append("a pre-logits layer (representation_size)")
+    if m.norm_eps != 1e-6:
+        lacks.append(f"norm_eps={m.norm_eps}")
+    if m.class_token != (m.pool == "cls"):
+        lacks.append(f"pool={m.pool} with class_token={m.class_token}")
+    if lacks:
+        raise ConfigError(
+            f"format=timm: timm's VisionTransformer has no {', '.join(lacks)}; "
+            "export format=torchscript instead"
+        )
+    return {
+        "img_size": _pair(m.img_size),
+        "patch_size": _pair(m.patch_size),
+        "in_chans": m.in_chans,
+        "embed_dim": m.embed_dim,
+        "depth": m.depth,
+        "num_heads": m.num_heads,
+        "mlp_ratio": m.mlp_ratio,
+        "qkv_bias": m.qkv_bias,
+        "class_token": m.pool == "cls",
+        "global_pool": "token" if m.pool == "cls" else "avg",
+        "fc_norm": bool(m.fc_norm),
+    }
+
+
+def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """vitexp's ViT weights under timm's names (the inverse of models.convert)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "encoder.pos_embeds.0.weight":
+            out["pos_embed"] = value
+        elif key.startswith("encoder."):
+            out[key.removeprefix("encoder.")] = value
+        else:
+            out[key] = value
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def export_timm(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]:
+    from safetensors.torch import save_file
+
+    from vitexp.files import write_atomic
+
+    args = timm_model_args(model)
+    names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    config = {
+        "architecture": TIMM_ARCHITECTURE,
+        "num_classes": model.num_classes,
+        "num_features": model.embed_dim,
+        "model_args": args,
+        "pretrained_cfg": {
+            "num_classes": model.num_classes,
+            "input_size": [args["in_chans"], *args["img_size"]],
+            "interpolation": "bilinear",
+            "crop_pct": meta.get("eval_crop_pct", 0.875),
+            "crop_mode": "center",
+            "mean": list(model.cfg.mean),
+            "std": list(model.cfg.std),
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "label_names": list(names),
+        },
+    }
+    weights = out / "model.safetensors"
+    save_file(timm_state_dict(model), str(weights))
+    write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return [weights, out / "config.json"]
+
+
+class WithPreprocessing(nn.Module):
+    """images (B, C, H, W), float in [0, 1], any H and W -> logits: resized to the model's
+    input size (bilinear, antialiased) and normalised by its mean and std."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.size = tuple(int(s) for s in model.img_size)
+        self.register_buffer("mean", torch.tensor(model.cfg.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(model.cfg.std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=self.size, mode="bilinear", antialias=True)
+        return self.model((x - self.mean) / self.std)
+
+
+def example_input(model: nn.Module) -> torch.Tensor:
+    h, w = (int(s) for s in model.img_size)
+    return torch.rand(
+        2, model.cfg.in_chans, h + 8, w + 8, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def export_torchscript(model: nn.Module, out: Path) -> list[Path]:
+    wrapped = WithPreprocessing(model).eval()
+    example = example_input(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's deprecation notice, and the tracer's note that the patch embedding's size
+        # check becomes a constant: the graph resizes every input to that size first
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapped, example)
+        check = torch.rand_like(example[:1])
+        torch.testing.assert_close(traced(check), wrapped(check), rtol=1e-4, atol=1e-5)
+    path = out / "model.pt"
+    tmp = path.with_suffix(".pt.partial")
+    traced.save(str(tmp))
+    tmp.replace(path)
+    return [path]
+
+
+def export_onnx(model: nn.Module, out: Path) -> list[Path]:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "format=onnx needs the onnx package (pip install onnx onnxscript); "
+            "format=torchscript works without it"
+        ) from None
+    path = out / "model.onnx"
+    torch.onnx.export(
+        WithPreprocessing(model).eval(),
+        (example_input(model),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+    )
+    return [path]
+
+
+def export(c: ExportCommandConfig) -> list[Path]:
+    """Write the chosen format and the model card into `c.out`; returns the files."""
+    from vitexp.checkpoint import read_model
+    from vitexp.model_card import write_model_card
+
+    if not c.pretrained:
+        raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
+    if not c.out:
+        raise ConfigError("out is not set; give a directory: out=exported/")
+    if c.format not in FORMATS:
+        raise ConfigError(f"format={c.format!r} is not allowed; choose one of {', '.join(FORMATS)}")
+    model, meta = read_model(c.pretrained, "pretrained")
+    if c.format == "timm":
+        timm_model_args(model)  # a variant timm lacks stops before anything is written
+    out = Path(c.out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = {"timm": export_timm, "torchscript": export_torchscript, "onnx": export_onnx}
+    files = (
+        writer[c.format](model, meta, out) if c.format == "timm" else writer[c.format](model, out)
+    )
+    files.append(write_model_card(Path(c.pretrained), model, meta, out, c.format))
+    for path in files:
+        print(f"-> {path}")
+    return files
+
+
+def main() -> None:
+    from vitexp.cli import hydra_command
+
+    hydra_command("export", ExportCommandConfig, export)
+
+
+if __name__ == "__main__":
+    main()
