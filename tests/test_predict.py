@@ -122,3 +122,19 @@ def test_the_command_line_says_what_is_missing_in_one_line(checkpoints, tmp_path
     assert out.returncode != 0
     assert "images=" in out.stderr and "does not exist" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_cnn_checkpoint_predicts_too(images, tmp_path):
+    from vitexp.models import create_model
+    from vitexp.models.factory import model_record
+
+    net = create_model("bit_tiny_debug", num_classes=3).eval()
+    record = {**model_record(net), "class_names": ["a", "b", "c"]}
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"vitexp": record, "state_dict": state}, tmp_path / "bit.ckpt")
+    c = PredictCommandConfig(
+        str(tmp_path / "bit.ckpt"), str(images / "sub"), 2, str(tmp_path / "b.csv")
+    )
+    rows = predict(c)
+    assert [Path(r["file"]).name for r in rows] == ["img1.png", "img3.png"]
+    assert all(r["label_1"] in "abc" and r["prob_1"] >= r["prob_2"] for r in rows)
