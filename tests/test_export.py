@@ -146,3 +146,20 @@ def test_the_model_card_describes_the_run(tmp_path):
     assert "few-shot digits/1shot" in card and "optimizer `adamw`" in card
     assert "![attention_maps](figures/attention_maps.png)" in card
     assert (tmp_path / "out" / "figures" / "attention_maps.png").is_file()
+
+
+def test_onnx_carries_the_preprocessing_at_any_input_size(tmp_path):
+    """Runs where onnx, onnxscript and onnxruntime are installed (not vitexp dependencies)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from vitexp.export import WithPreprocessing
+
+    model = randomize_(tiny_vit(pos_embed="learned_2d")).eval()
+    export(ExportCommandConfig(str(save(tmp_path / "m.ckpt", model)), str(tmp_path / "o"), "onnx"))
+    session = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"))
+    for shape in [(2, 3, 40, 40), (1, 3, 50, 37)]:
+        images = torch.rand(*shape)
+        (got,) = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            want = WithPreprocessing(model)(images)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
