@@ -78,3 +78,28 @@ def test_the_table_pairs_trained_and_averaged_weights_per_level(tmp_path: Path):
     text = recipes.markdown(tmp_path)
     assert "| none | 0.510 ± 0.014 (2) | 0.610 ± 0.014 (2) | 0.600 ± 0.000 (2)" in text
     assert "| heavy | N/A | N/A | N/A | N/A | 0.950 (1) | 0.970 (1) |" in text
+
+
+def test_the_report_tables_an_augreg_sweep_by_level(tmp_path: Path):
+    """`python -m vitexp.report` on the augreg_sweep multirun: one row per level (`none` is
+    the option's name, not null), seeds averaged within a level only."""
+    from vitexp.report import summarise_sweep
+
+    for i, (level, seed, score) in enumerate(
+        [("none", 0, 0.5), ("none", 1, 0.7), ("heavy", 0, 0.2), ("heavy", 1, 0.4)]
+    ):
+        (tmp_path / str(i)).mkdir()
+        record = {
+            "status": "done",
+            "seed": seed,
+            "fewshot_report": "digits/10shot",
+            "fewshot": {"digits/10shot": score},
+            "metrics": {"test/acc": score},
+            "overrides": ["+experiment=augreg_sweep", f"data/augment={level}", f"seed={seed}"],
+        }
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(record))
+    summary = summarise_sweep(tmp_path)
+    assert summary.view == "table"
+    assert "| none | 0.6000 ± 0.1414 |" in summary.table
+    assert "| heavy | 0.3000 ± 0.1414 |" in summary.table
+    assert "null" not in summary.table

@@ -208,8 +208,12 @@ def parse_overrides(items: list[str]) -> tuple[dict[str, object], object]:
             continue
         if key == SEED:
             seed = parse_value(value)
-        else:  # `~key` deletes a key: a value of its own
-            overrides[key] = parse_value(value) if has_value else "<deleted>"
+        elif not has_value:  # `~key` deletes a key: a value of its own
+            overrides[key] = "<deleted>"
+        elif "/" in key:  # a nested group's option (data/augment=none): a name, as written
+            overrides[key] = value.strip()
+        else:
+            overrides[key] = parse_value(value)
     return overrides, seed
 
 
