@@ -140,7 +140,9 @@ def test_remove_new_empty_dirs_keeps_what_it_did_not_make(tmp_path: Path, monkey
 def test_train_log_holds_the_console_lines(tmp_path: Path):
     train(tmp_path / "run", "trainer.max_steps=4", "trainer.val_check_interval=2")
     text = (tmp_path / "run" / "train.log").read_text()
-    assert "pretrain vit_tiny_debug (learned_1d/stem, cls) on shapes (8 classes)" in text
+    assert f"run: {tmp_path / 'run'}" in text
+    assert "model: vit_tiny_debug (" in text and "learned_1d/stem, cls)" in text
+    assert "data: shapes, 8 classes, pretrain" in text
     assert "step 2 (epoch 0): " in text and "val/acc" in text and "step 4 (epoch 0)" in text
     assert "pretrain on shapes: test accuracy" in text
 
