@@ -248,7 +248,10 @@ def test_sigterm_deadline_ends_a_rank_blocked_in_a_collective(tmp_path, mode):
                 time.sleep(0.05)
             assert not _alive(int(peer))
         else:
-            assert proc.returncode == 7 and elapsed < 2, (elapsed, err)
+            # exit code 7 and the handler's line alone: the deadline (143, its own line)
+            # never fired; no bound on the time, which a loaded machine's shutdown stretches
+            # (2.5 s measured once under load: the check was flaky)
+            assert proc.returncode == 7, (elapsed, err)
             assert err.strip().splitlines() == ["graceful stop"]
     finally:
         proc.kill()
