@@ -12,11 +12,12 @@ What this subclass adds:
 - the optional warmup of the decay (`ema.warmup`: min(decay, (1 + t) / (10 + t)));
 - at the end of training the model holds the average (test, few-shot and figures use it)
   and the trained weights are kept (`raw_state`): the final last.ckpt still stores them as
-  `current_model_state`, and `vitexp.train` tests them too (`test_raw/acc`).
+  `current_model_state`, and `vitexp.train` tests them too (`trained_weights`: `test_raw/acc`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning as L
@@ -61,11 +62,18 @@ class WeightAverage(EMAWeightAveraging):
             # after training the module holds the average: keep the trained weights
             checkpoint[RAW_WEIGHTS_KEY] = self.raw_state
 
-    def use_raw(self, pl_module: L.LightningModule) -> None:
-        """Put the trained (not averaged) weights back into the model, after training."""
+    @contextlib.contextmanager
+    def trained_weights(self, pl_module: L.LightningModule):
+        """After training: the model holds the trained (not averaged) weights inside the
+        block, the average again after it."""
         if self.raw_state is None:
-            raise RuntimeError("use_raw() is for after training: no trained weights kept")
+            raise RuntimeError("trained_weights() is for after training: none kept")
+        averaged = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         pl_module.load_state_dict(self.raw_state)
+        try:
+            yield
+        finally:
+            pl_module.load_state_dict(averaged)
 
     def describe(self) -> str:
         return f"EMA {self.cfg.decay:g}" + (" (warmup)" if self.cfg.warmup else "")

@@ -222,10 +222,11 @@ def read_model(path: str | Path, what: str = "checkpoint") -> tuple[nn.Module, d
     checkpoint's record (`checkpoint["vitexp"]`: stage, data, ...). The weights are the
     checkpoint's `state_dict`: of a run that kept a weight average (`ema.decay`), the
     average (the trained weights are in `current_model_state`, vitexp.averaging)."""
-    return _model_from(read_checkpoint(path, what), path, what)
+    return model_from(read_checkpoint(path, what), path, what)
 
 
-def _model_from(content: dict[str, Any], path: str | Path, what: str) -> tuple[nn.Module, dict]:
+def model_from(content: dict[str, Any], path: str | Path, what: str) -> tuple[nn.Module, dict]:
+    """`read_model` of a checkpoint already read (`read_checkpoint`)."""
     meta = content.get("vitexp")
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"{what}={path} is not a vitexp checkpoint (no model record)")
@@ -296,6 +297,12 @@ def _first_difference(saved: Any, wanted: Any, keys: str) -> tuple:
     return found[0] if found else (None, None, None)
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory of `<run>/checkpoints/last.ckpt`, else the checkpoint's folder."""
+    parent = Path(checkpoint).parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def resolve_pretrained(path: str | Path) -> Path:
     """`pretrained=` as given: a checkpoint (file or sharded directory), a run directory
     (its checkpoints/last.ckpt) or a directory of runs, e.g. outputs/pretrain_in21k (the
@@ -334,7 +341,7 @@ def load_pretrained(path: str | Path, model: nn.Module, weights: str = "averaged
         return _load_timm(path, model)
     if weights == "raw" and RAW_WEIGHTS_KEY in content:
         content = {**content, "state_dict": content[RAW_WEIGHTS_KEY]}
-    source, meta = _model_from(content, path, "pretrained")
+    source, meta = model_from(content, path, "pretrained")
     check_architecture(source.cfg, model, path)
     # the fine-tune's own resampling settings apply
     if hasattr(model.cfg, "pos_embed"):

@@ -28,8 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitexp.errors import ConfigError
+from vitexp.models.patch_embed import to_2tuple
 
 FORMATS = ("timm", "torchscript", "onnx")
+
+
+def pair(value: Any, name: str) -> list[int]:
+    """An int or (h, w) as [h, w], the JSON form timm's config takes."""
+    return list(to_2tuple(value, name))
+
+
 TIMM_ARCHITECTURE = "vit_base_patch16_224"  # a registered name; model_args set every size
 
 
@@ -38,10 +46,6 @@ class ExportCommandConfig:
     pretrained: str | None = None  # a vitexp checkpoint
     out: str | None = None  # a directory (created)
     format: str = "timm"
-
-
-def _pair(value: Any) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * 2
 
 
 def timm_model_args(model: nn.Module) -> dict[str, Any]:
@@ -59,7 +63,8 @@ def timm_model_args(model: nn.Module) -> dict[str, Any]:
         lacks.append(f"position embedding {m.pos_embed.kind}/{m.pos_embed.placement}")
     if m.stem != "patch":
         lacks.append(f"the {m.stem} hybrid stem (not exported to timm yet)")
-    if m.patch_stride is not None and _pair(m.patch_stride) != _pair(m.patch_size):
+    stride = m.patch_stride
+    if stride is not None and pair(stride, "patch_stride") != pair(m.patch_size, "patch_size"):
         lacks.append(f"overlapping patches (patch_stride={m.patch_stride})")
     if m.representation_size is not None:
         lacks.append("a pre-logits layer (representation_size)")
@@ -73,8 +78,8 @@ def timm_model_args(model: nn.Module) -> dict[str, Any]:
             "export format=torchscript instead"
         )
     return {
-        "img_size": _pair(m.img_size),
-        "patch_size": _pair(m.patch_size),
+        "img_size": pair(m.img_size, "img_size"),
+        "patch_size": pair(m.patch_size, "patch_size"),
         "in_chans": m.in_chans,
         "embed_dim": m.embed_dim,
         "depth": m.depth,
@@ -154,7 +159,7 @@ def example_input(model: nn.Module) -> torch.Tensor:
     )
 
 
-def export_torchscript(model: nn.Module, out: Path) -> list[Path]:
+def export_torchscript(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]:
     wrapped = WithPreprocessing(model).eval()
     example = example_input(model)
     with torch.no_grad(), warnings.catch_warnings():
@@ -172,7 +177,7 @@ def export_torchscript(model: nn.Module, out: Path) -> list[Path]:
     return [path]
 
 
-def export_onnx(model: nn.Module, out: Path) -> list[Path]:
+def export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]:
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -209,9 +214,7 @@ def export(c: ExportCommandConfig) -> list[Path]:
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     writer = {"timm": export_timm, "torchscript": export_torchscript, "onnx": export_onnx}
-    files = (
-        writer[c.format](model, meta, out) if c.format == "timm" else writer[c.format](model, out)
-    )
+    files = writer[c.format](model, meta, out)
     files.append(write_model_card(Path(c.pretrained), model, meta, out, c.format))
     for path in files:
         print(f"-> {path}")

@@ -12,13 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from vitexp.checkpoint import run_dir_of
 from vitexp.files import write_atomic
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory of `<run>/checkpoints/last.ckpt`, else the checkpoint's folder."""
-    parent = checkpoint.parent
-    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from vitexp.config import ON_CORRUPT, AugmentConfig
+from vitexp.data.images import IMAGE_SUFFIXES
 from vitexp.errors import ConfigError, DataError
 
 log = logging.getLogger("vitexp")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -67,7 +67,7 @@ def predict(c: PredictCommandConfig) -> list[dict[str, Any]]:
     """Top-k predictions of every readable image; writes `c.out` and returns its rows."""
     from rich.progress import track
 
-    from vitexp.checkpoint import read_checkpoint, read_model
+    from vitexp.checkpoint import model_from, read_checkpoint
     from vitexp.data.images import ImageDecoder
     from vitexp.data.transforms import build_transforms
     from vitexp.files import write_atomic
@@ -82,7 +82,7 @@ def predict(c: PredictCommandConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"on_corrupt={c.on_corrupt!r}: choose one of {', '.join(ON_CORRUPT)}")
     files = image_files(c.images)
     content = read_checkpoint(c.pretrained, "pretrained")
-    model, meta = read_model(c.pretrained, "pretrained")
+    model, meta = model_from(content, c.pretrained, "pretrained")
     if model.cfg.in_chans != 3:
         raise ConfigError(
             f"pretrained={c.pretrained} takes {model.cfg.in_chans} channels; "

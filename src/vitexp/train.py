@@ -125,14 +125,12 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     average = weight_average(trainer)
     raw_metrics = fewshot_raw = None
     if average is not None:  # the trained weights too, for comparison
-        averaged_state = {k: v.clone() for k, v in module.state_dict().items()}
-        average.use_raw(module)
-        module.test_key = "test_raw"
-        tested_raw = trainer.test(module, datamodule=data, verbose=False)[0]
-        module.test_key = "test"
+        with average.trained_weights(module):
+            module.test_key = "test_raw"
+            tested_raw = trainer.test(module, datamodule=data, verbose=False)[0]
+            module.test_key = "test"
+            fewshot_raw = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
         raw_metrics = {k.replace("test_raw/", "test/"): float(v) for k, v in tested_raw.items()}
-        fewshot_raw = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
-        module.load_state_dict(averaged_state)
     baselines = None
     if c.data.source in BASELINE_SOURCES and c.data.subset is None and trainer.is_global_zero:
         baselines = pixel_baselines(*map(data.raw_split, ("train", "val", "test")))

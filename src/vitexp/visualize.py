@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from vitexp.checkpoint import weights_of
+from vitexp.checkpoint import run_dir_of, weights_of
 from vitexp.errors import ConfigError
 from vitexp.files import write_atomic
 from vitexp.models import VisionTransformer
@@ -310,8 +310,7 @@ class VisualizeCommandConfig:
 
 def default_out(pretrained: Path) -> Path:
     """`figures/` in the run directory: beside `checkpoints/`, else beside the file."""
-    parent = pretrained.parent
-    return (parent.parent if parent.name == "checkpoints" else parent) / "figures"
+    return run_dir_of(pretrained) / "figures"
 
 
 def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:

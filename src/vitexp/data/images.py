@@ -18,6 +18,10 @@ from vitexp.errors import DataError
 _SKIPPED: set[str] = set()  # corrupt files already reported by this process
 
 
+# the files image folders, figures and predict read as images
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 # --- decoding ----------------------------------------------------------------------------
 class ImageDecoder:
     """Bytes, a path, an HF `{"bytes", "path"}` dict or a PIL image -> PIL RGB, or None for

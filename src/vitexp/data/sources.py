@@ -19,10 +19,9 @@ from torch.utils.data import Dataset
 
 from vitexp.config import DataConfig
 from vitexp.data import shapes as shapes_lib
-from vitexp.data.images import ImageDecoder
+from vitexp.data.images import IMAGE_SUFFIXES, ImageDecoder
 from vitexp.errors import DataError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TORCHVISION = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
 HF_BUILDERS = ("parquet", "arrow", "csv", "json", "imagefolder", "webdataset", "text", "pandas")
 
@@ -263,10 +262,10 @@ def _scan(folder: Path, classes: list[str], decoder: ImageDecoder, required: boo
             found += [
                 os.path.join(d, f)
                 for f in sorted(files)
-                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
             ]
         if required and not found:
-            exts = "/".join(e[1:] for e in IMG_EXTENSIONS)
+            exts = "/".join(e[1:] for e in IMAGE_SUFFIXES)
             raise DataError(
                 f"data.root: {folder / name} has no images ({exts}); "
                 "add images or remove the folder"

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vitexp.data.images import IMAGE_SUFFIXES
 from vitexp.errors import ConfigError, DataError
 from vitexp.models.patch_embed import Size2d
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
