@@ -23,6 +23,8 @@ PARITY_CASES = [
     ("vit_tiny_patch16_224", dict(no_embed_class=True)),  # DeiT-3 position layout
     ("vit_tiny_patch16_224", dict(img_size=(160, 224), num_classes=10)),
     ("vit_base_patch32_224", dict(img_size=96, depth=2)),
+    # the paper's R50 hybrid ("SAME" padding, kernels standardised with eps 1e-8)
+    ("vit_base_r50_s16_224", dict(img_size=(64, 48), embed_dim=64, depth=1, num_heads=4)),
 ]
 
 
@@ -48,6 +50,25 @@ def test_from_timm_refuses_what_it_cannot_compute():
         from_timm(timm.create_model("vit_tiny_patch16_224", init_values=1e-5, pretrained=False))
     with pytest.raises(ValueError, match="global_pool='map'"):
         from_timm(timm.create_model("vit_tiny_patch16_224", global_pool="map", pretrained=False))
+    with pytest.raises(ValueError, match=r"hybrid backbone with layers=\(2, 2, 2, 2\)"):
+        from_timm(timm.create_model("vit_small_r26_s32_224", depth=1, pretrained=False))
+    with pytest.raises(ValueError, match="a Sequential hybrid backbone"):
+        from_timm(timm.create_model("vit_tiny_r_s16_p8_224", depth=1, pretrained=False))
+
+
+def test_hybrid_weight_file_loads_with_the_same_logits(tmp_path: Path):
+    """timm's R50+ViT weights as a file (as published) into `create_model("hybrid_r50_b16")`."""
+    size = dict(img_size=64, embed_dim=64, depth=1, num_heads=4, num_classes=3)
+    ref = _timm("vit_base_r50_s16_224", **size)
+    save_file(
+        {k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "m.safetensors")
+    )
+    ours = load_timm_weights(
+        create_model("hybrid_r50_b16", **size), tmp_path / "m.safetensors"
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from test_train import train
 from vitexp.errors import ConfigError
 from vitexp.export import ExportCommandConfig, export
+from vitexp.models import create_model
+from vitexp.models.convert import restandardize
 from vitexp.models.factory import model_record
+from vitexp.models.resnet import StdConv2d
 
 from conftest import randomize_, tiny_vit
 
@@ -58,6 +61,37 @@ def test_timm_rebuilds_the_exported_model_with_the_same_logits(tmp_path, options
         torch.testing.assert_close(rebuilt(x), want, rtol=0, atol=1e-5)
         torch.testing.assert_close(explicit(x), want, rtol=0, atol=1e-5)
     assert rebuilt.pretrained_cfg["label_names"] == [f"c{i}" for i in range(5)]
+
+
+def test_timm_rebuilds_the_exported_hybrid_with_the_same_logits(tmp_path):
+    """The R50 stem as timm's vit_*_r50_*: "SAME" padding, its names, its kernel eps."""
+    model = create_model(
+        "hybrid_r50_b16", embed_dim=64, depth=1, num_heads=4, num_classes=5, img_size=(64, 48)
+    )
+    model = randomize_(model).eval()
+    export(ExportCommandConfig(str(save(tmp_path / "m.ckpt", model)), str(tmp_path / "out")))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "vit_base_r50_s16_224"
+    rebuilt = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_restandardize_moves_a_kernel_between_standardisation_eps():
+    """timm standardises the hybrid's kernels with eps 1e-8, vitexp with 1e-5: the converted
+    kernel gives the same convolution, where the raw kernel does not (small variance)."""
+    ours, theirs = (
+        StdConv2d(8, 16, 3, bias=False, eps=1e-5),
+        StdConv2d(8, 16, 3, bias=False, eps=1e-8),
+    )
+    with torch.no_grad():
+        ours.weight.normal_(std=3e-3)
+        theirs.weight.copy_(ours.weight)
+        x = torch.randn(2, 8, 9, 9)
+        assert (theirs(x) - ours(x)).abs().max() > 1e-2
+        theirs.weight.copy_(restandardize(ours.weight, 1e-5, 1e-8))
+        torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from vitexp.models import create_model
-from vitexp.models.hybrid import ResNetStages, StdConv2d
+from vitexp.models.hybrid import ResNetStages
+from vitexp.models.resnet import StdConv2d, pad_same
 
 from conftest import VALID_CELLS, randomize_
 
@@ -28,6 +31,17 @@ def test_224_gives_196_tokens_plus_class_token():
     model = small_hybrid()
     assert model.grid_size == (14, 14) and model.num_tokens == 197
     assert model.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 197, 64)
+
+
+@pytest.mark.parametrize("size", [7, 8, 9, 12, 15])
+@pytest.mark.parametrize("kernel, stride", [(7, 2), (3, 2), (3, 1), (1, 2)])
+def test_same_padding_is_tensorflows(size, kernel, stride):
+    """The paper's JAX code pads "SAME": the odd pixel at the end, as timm's pad_same."""
+    timm_layers = pytest.importorskip("timm.layers")
+    x = torch.randn(1, 2, size, size + 1)
+    want = timm_layers.pad_same(x, (kernel, kernel), (stride, stride))
+    torch.testing.assert_close(pad_same(x, kernel, stride), want, rtol=0, atol=0)
+    assert pad_same(x, kernel, stride).shape[-1] >= (size + 1)
 
 
 def test_weight_standardisation():
@@ -57,3 +71,17 @@ def test_every_position_embedding_on_the_hybrid_stem(kind, placement):
 def test_hybrid_needs_multiple_of_16():
     with pytest.raises(ValueError, match="hybrid stem needs an image size divisible by 16"):
         small_hybrid(img_size=200)
+
+
+def test_a_hybrid_checkpoint_from_before_same_padding_says_so():
+    """Format < 3 hybrids were trained with symmetric padding: loading them warns once."""
+    from vitexp.models.factory import config_from_record, model_record
+
+    record = {"format": 2, **model_record(small_hybrid(img_size=64))}
+    with pytest.warns(UserWarning, match='earlier symmetric padding; vitexp now pads "SAME"'):
+        cfg, _ = config_from_record(record)
+    assert cfg.stem == "r50"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_record({**record, "format": 3})
+        config_from_record({"format": 2, **model_record(create_model("vit_ti16"))})

@@ -178,7 +178,7 @@ def build_timm(case: Case) -> nn.Module:
 
 def build_vitexp(case: Case, timm_model: nn.Module) -> VisionTransformer:
     """vitexp's model: timm's weights converted where timm has the variant."""
-    if case.timm_has_it and case.stem == "patch":
+    if case.timm_has_it:
         return from_timm(timm_model)
     return vitexp_model(case)
 
@@ -302,7 +302,7 @@ def make_runners(case: Case, setup: Setup) -> tuple[dict[str, Runner], float | N
     timm_model = build_timm(case)
     ours = build_vitexp(case, timm_model)
     diff = None
-    if case.timm_has_it and case.stem == "patch":
+    if case.timm_has_it:
         x = torch.randn(2, 3, case.img_size, case.img_size)
         with torch.no_grad():
             nn.init.normal_(timm_model.head.weight, std=0.02)  # zero heads prove nothing

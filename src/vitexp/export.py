@@ -6,7 +6,7 @@ model in the formats the ecosystem loads, with a model card.
                  num_classes, model_args, pretrained_cfg with the class names and the
                  preprocessing). ViTs whose computation timm's VisionTransformer has: a
                  learned 1-D table at the stem, class token or GAP, any size, patch size
-                 and resolution, no pre-logits layer.
+                 and resolution, the patch or the R50 hybrid stem, no pre-logits layer.
     torchscript  model.pt: the model with its preprocessing (resize to its input size,
                  normalise), taking float images in [0, 1] of any size.
     onnx         model.onnx: the same graph (needs the `onnx` package).
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitexp.errors import ConfigError
+from vitexp.models.convert import HYBRID_TO_TIMM, TIMM_HYBRID_WS_EPS, rename, restandardize
 from vitexp.models.patch_embed import to_2tuple
 
 FORMATS = ("timm", "torchscript", "onnx")
@@ -38,7 +39,9 @@ def pair(value: Any, name: str) -> list[int]:
     return list(to_2tuple(value, name))
 
 
-TIMM_ARCHITECTURE = "vit_base_patch16_224"  # a registered name; model_args set every size
+# registered timm names per stem; model_args set every size
+TIMM_ARCHITECTURE = {"patch": "vit_base_patch16_224", "r50": "vit_base_r50_s16_224"}
+TIMM_FIRST_CONV = {"patch": "patch_embed.proj", "r50": "patch_embed.backbone.stem.conv"}
 
 
 @dataclass
@@ -61,8 +64,6 @@ def timm_model_args(model: nn.Module) -> dict[str, Any]:
     lacks = []
     if (m.pos_embed.kind, m.pos_embed.placement) != ("learned_1d", "stem"):
         lacks.append(f"position embedding {m.pos_embed.kind}/{m.pos_embed.placement}")
-    if m.stem != "patch":
-        lacks.append(f"the {m.stem} hybrid stem (not exported to timm yet)")
     stride = m.patch_stride
     if stride is not None and pair(stride, "patch_stride") != pair(m.patch_size, "patch_size"):
         lacks.append(f"overlapping patches (patch_stride={m.patch_stride})")
@@ -100,6 +101,13 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out["pos_embed"] = value
         elif key.startswith("encoder."):
             out[key.removeprefix("encoder.")] = value
+        elif key.startswith("patch_embed.embed."):
+            continue  # the hybrid's projection, also registered as patch_embed.proj
+        elif key.startswith("patch_embed.backbone."):
+            if value.dim() == 4:  # a weight-standardised conv
+                conv = model.get_submodule(key.removesuffix(".weight"))
+                value = restandardize(value, conv.eps, TIMM_HYBRID_WS_EPS)
+            out[rename(key, HYBRID_TO_TIMM)] = value
         else:
             out[key] = value
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
@@ -113,7 +121,7 @@ def export_timm(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
     args = timm_model_args(model)
     names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
     config = {
-        "architecture": TIMM_ARCHITECTURE,
+        "architecture": TIMM_ARCHITECTURE[model.cfg.stem],
         "num_classes": model.num_classes,
         "num_features": model.embed_dim,
         "model_args": args,
@@ -125,7 +133,7 @@ def export_timm(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
             "crop_mode": "center",
             "mean": list(model.cfg.mean),
             "std": list(model.cfg.std),
-            "first_conv": "patch_embed.proj",
+            "first_conv": TIMM_FIRST_CONV[model.cfg.stem],
             "classifier": "head",
             "label_names": list(names),
         },

@@ -22,7 +22,8 @@ from vitexp.errors import ConfigError, Diverged
 from vitexp.models import VisionTransformer
 from vitexp.models.factory import model_record
 
-CHECKPOINT_FORMAT = 2  # 2: the model's family, config and class count (models.factory)
+CHECKPOINT_FORMAT = 3  # 2: the model's family, config and class count (models.factory);
+# 3: the hybrid stem pads "SAME", as the paper's JAX code (models.hybrid)
 NO_SCHEDULE_END = (
     "trainer.max_steps is not set and the data has no length (streaming): "
     "set trainer.max_steps to give the schedule its end"

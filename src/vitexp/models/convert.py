@@ -3,7 +3,8 @@ timm-format weight file.
 
 The paper's weights are published in timm format (e.g. `vit_base_patch16_224.augreg_in21k`
 as `model.safetensors`, or the older `jx_vit_*.pth` files that still carry the pre-logits
-layer; BiT's as `resnetv2_50x1_bit.goog_in21k`). Original JAX `.npz` files load into timm
+layer; the R50+ViT-B/16 hybrid's as `vit_base_r50_s16_384.orig_in21k_ft_in1k`; BiT's as
+`resnetv2_50x1_bit.goog_in21k`). Original JAX `.npz` files load into timm
 first (`timm_model.load_pretrained(path)`), then through `from_timm`.
 """
 
@@ -19,6 +20,46 @@ from torch import nn
 from vitexp.models.bit import WS_EPS, BiTConfig, ResNetV2
 from vitexp.models.pos_embed import resample_grid, square_grid
 from vitexp.models.vit import VisionTransformer, ViTConfig
+
+# The hybrid's ResNet, vitexp's names -> timm's (vitexp.models.hybrid -> timm's resnetv2
+# under patch_embed.backbone), and the kernels' standardisation eps: 1e-5 in vitexp (the
+# paper's JAX code), 1e-8 in timm's port.
+HYBRID_TO_TIMM = [
+    (r"\.root\.0\.", ".stem.conv."),
+    (r"\.root\.1\.", ".stem.norm."),
+    (r"\.stages\.(\d+)\.(\d+)\.", r".stages.\1.blocks.\2."),
+    (r"\.gn(\d)\.", r".norm\1."),
+    (r"\.downsample\.0\.", ".downsample.conv."),
+    (r"\.downsample\.1\.", ".downsample.norm."),
+]
+TIMM_TO_HYBRID = [
+    (r"\.stem\.conv\.", ".root.0."),
+    (r"\.stem\.norm\.", ".root.1."),
+    (r"\.stages\.(\d+)\.blocks\.(\d+)\.", r".stages.\1.\2."),
+    (r"\.norm(\d)\.", r".gn\1."),
+    (r"\.downsample\.conv\.", ".downsample.0."),
+    (r"\.downsample\.norm\.", ".downsample.1."),
+]
+HYBRID_WS_EPS, TIMM_HYBRID_WS_EPS = 1e-5, 1e-8
+
+
+def rename(key: str, pairs: list[tuple[str, str]]) -> str:
+    for pattern, name in pairs:
+        key = re.sub(pattern, name, key)
+    return key
+
+
+def restandardize(weight: torch.Tensor, eps: float, new_eps: float) -> torch.Tensor:
+    """A kernel that weight standardisation with `new_eps` maps to what standardisation
+    with `eps` makes of `weight`: the standardised kernel w_hat (per output channel,
+    variance v < 1), scaled by a = sqrt(new_eps / (1 - v)), so that
+    a * w_hat / sqrt(a^2 v + new_eps) = w_hat exactly."""
+    w = weight.double().flatten(1)
+    var = w.var(dim=1, unbiased=False, keepdim=True)
+    w_hat = (w - w.mean(dim=1, keepdim=True)) / torch.sqrt(var + eps)
+    one_minus_v = eps / (var + eps)  # 1 - var(w_hat), without the cancellation
+    return (w_hat * torch.sqrt(new_eps / one_minus_v)).reshape_as(weight).to(weight.dtype)
+
 
 # timm options whose computation vitexp's ViT does not have (name -> value meaning "off").
 _UNSUPPORTED = {
@@ -59,11 +100,41 @@ def _check_supported(timm_model: nn.Module) -> None:
         problems.append(f"norm layer {type(block.norm1).__name__}")
     if block.attn.proj.bias is None:
         problems.append("proj_bias=False")
+    if type(timm_model.patch_embed).__name__ == "HybridEmbed":
+        problems += _hybrid_problems(timm_model.patch_embed.backbone)
     if problems:
         raise ValueError(
             f"timm model uses {', '.join(problems)}, which vitexp's ViT does not implement; "
-            "only the paper's architecture (class token or GAP, LayerNorm, GELU) converts"
+            "only the paper's architecture (class token or GAP, LayerNorm, GELU, the R50 "
+            "hybrid stem) converts"
         )
+
+
+def _hybrid_problems(backbone: nn.Module) -> list[str]:
+    """What in a timm hybrid's CNN differs from vitexp's R50 stem (`models.hybrid`)."""
+    from vitexp.models.hybrid import LAYERS, WIDTH
+
+    if type(backbone).__name__ != "ResNetV2":
+        return [f"a {type(backbone).__name__} hybrid backbone"]
+    layers = tuple(len(stage.blocks) for stage in backbone.stages)
+    stem = backbone.stem
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    blocks = {type(b).__name__ for stage in backbone.stages for b in stage.blocks}
+    found = {
+        "layers": layers,
+        "width": getattr(getattr(stem, "conv", None), "out_channels", None),
+        "blocks": blocks,
+        "stem": [type(m).__name__ for m in stem.children()],
+        "convs": {(type(m).__name__, getattr(m, "eps", None)) for m in convs},
+    }
+    want = {
+        "layers": LAYERS,
+        "width": WIDTH,
+        "blocks": {"Bottleneck"},
+        "stem": ["StdConv2dSame", "GroupNormAct", "MaxPool2dSame"],
+        "convs": {("StdConv2dSame", TIMM_HYBRID_WS_EPS)},
+    }
+    return [f"a hybrid backbone with {key}={found[key]}" for key in want if found[key] != want[key]]
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -79,6 +150,7 @@ def config_from_timm(timm_model: nn.Module) -> ViTConfig:
     _check_supported(timm_model)
     block = timm_model.blocks[0]
     embed = timm_model.patch_embed
+    hybrid = type(embed).__name__ == "HybridEmbed"
     pre_logits = getattr(timm_model, "pre_logits", None)
     representation_size = None
     if pre_logits is not None and isinstance(getattr(pre_logits, "fc", None), nn.Linear):
@@ -88,7 +160,8 @@ def config_from_timm(timm_model: nn.Module) -> ViTConfig:
         img_size=tuple(embed.img_size),
         patch_size=tuple(embed.patch_size),
         patch_stride=tuple(embed.proj.stride),
-        in_chans=embed.proj.in_channels,
+        in_chans=embed.backbone.stem.conv.in_channels if hybrid else embed.proj.in_channels,
+        stem="r50" if hybrid else "patch",
         embed_dim=timm_model.embed_dim,
         depth=len(timm_model.blocks),
         num_heads=block.attn.num_heads,
@@ -144,6 +217,12 @@ def convert_timm_state_dict(
             out[key.replace("pre_logits.fc.", "pre_logits.0.")] = value
         elif re.match(r"^(cls_token|patch_embed\.proj\.|head\.|fc_norm\.)", key):
             out[key] = value
+            if key.startswith("patch_embed.proj.") and model.cfg.stem == "r50":
+                out[key.replace(".proj.", ".embed.proj.")] = value  # the same tensor
+        elif key.startswith("patch_embed.backbone."):
+            if value.dim() == 4:  # a weight-standardised conv
+                value = restandardize(value, TIMM_HYBRID_WS_EPS, HYBRID_WS_EPS)
+            out[rename(key, TIMM_TO_HYBRID)] = value
         else:
             raise ValueError(f"timm weight {key!r} has no place in vitexp's ViT")
     return out

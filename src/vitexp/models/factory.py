@@ -8,6 +8,7 @@ line here. A model family (the ViT; BiT, the paper's CNN baseline) is a config d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -117,4 +118,11 @@ def config_from_record(record: dict[str, Any]) -> tuple[Any, int]:
         cfg = replace(cfg, mean=list(record["mean"]), std=list(record["std"]))
     if "name" not in fields and "model_name" in record:  # ... and the size's name
         cfg = replace(cfg, name=record["model_name"])
+    if getattr(cfg, "stem", None) == "r50" and record.get("format", 1) < 3:
+        warnings.warn(
+            "this hybrid checkpoint was trained with the R50 stem's earlier symmetric padding; "
+            'vitexp now pads "SAME" as the paper (one pixel shift): fine-tuning from it '
+            "adapts, but its own predictions differ slightly from the run's",
+            stacklevel=2,
+        )
     return cfg, int(num_classes)

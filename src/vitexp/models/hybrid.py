@@ -4,7 +4,9 @@ The paper (section 3.1, "Hybrid Architecture") uses its BiT-style ResNet: group 
 weight-standardised convolutions, with stage 4 removed and its blocks moved to stage 3
 (layers 3, 4, 9), so the feature map has stride 16 and 1024 channels: at 224 px that is a
 14 x 14 map, i.e. 196 tokens, as for ViT-B/16. Its blocks are those of `resnet.py`, shared
-with the BiT baseline.
+with the BiT baseline. Convolutions and pooling pad as the paper's JAX code ("SAME": the
+odd pixel at the end), so timm's `vit_*_r50_*` models compute the same thing
+(`vitexp.export`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from vitexp.models.patch_embed import PatchEmbed, Size2d, check_input_size, to_2tuple
-from vitexp.models.resnet import Bottleneck, StdConv2d, gn, make_stages
+from vitexp.models.resnet import Bottleneck, MaxPool2dSame, StdConv2dSame, gn, make_stages
 
 STRIDE = 16  # stem (4) x stage strides (1, 2, 2)
 LAYERS = (3, 4, 9)
@@ -28,10 +30,10 @@ class ResNetStages(nn.Module):
     def __init__(self, in_chans: int = 3, layers: Sequence[int] = LAYERS, width: int = WIDTH):
         super().__init__()
         self.root = nn.Sequential(
-            StdConv2d(in_chans, width, 7, stride=2, padding=3, bias=False),
+            StdConv2dSame(in_chans, width, 7, stride=2, bias=False),
             gn(width),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1),
+            MaxPool2dSame(3, stride=2),
         )
         self.stages, self.out_channels = make_stages(Bottleneck, width, layers, width)
 

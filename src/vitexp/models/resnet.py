@@ -9,6 +9,7 @@ pre-activation one (He et al., "Identity Mappings in Deep Residual Networks").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,8 +22,9 @@ GROUPS = 32  # GroupNorm(32) throughout
 class StdConv2d(nn.Conv2d):
     """Convolution with weight standardisation (Qiao et al.; BiT): zero-mean, unit-var kernels.
 
-    `eps` is added to the kernel variance: 1e-5 in the hybrid, 1e-8 in BiT (as timm's
-    ports of the published weights)."""
+    `eps` is added to the kernel variance: 1e-5 in the hybrid (the paper's JAX code; timm's
+    port uses 1e-8 and `vitexp.models.convert.restandardize` converts), 1e-8 in BiT (as timm's
+    port of the published weights)."""
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs):
         super().__init__(*args, **kwargs)
@@ -37,6 +39,38 @@ class StdConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow/JAX "SAME" padding: ceil(n / stride) outputs, the odd pixel of padding at
+    the end (a 7x7/2 conv on an even size pads 2 before, 3 after; PyTorch's padding=3 pads
+    3 and 3, a shift of one pixel)."""
+    pads = []
+    for n in reversed(x.shape[-2:]):  # F.pad takes the last dimension first
+        total = max((math.ceil(n / stride) - 1) * stride + kernel_size - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+class StdConv2dSame(StdConv2d):
+    """`StdConv2d` with "SAME" padding (`pad_same`), as the paper's JAX hybrid and timm's
+    port of it."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, **kwargs):
+        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(pad_same(x, self.kernel_size[0], self.stride[0]))
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """Max pooling with "SAME" padding (padded with -inf, so padding never wins)."""
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__(kernel_size, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(pad_same(x, self.kernel_size, self.stride, value=-math.inf))
+
+
 def gn(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups (`channels` must be a multiple of 32)."""
     return nn.GroupNorm(GROUPS, channels, eps=1e-5)
@@ -44,13 +78,14 @@ def gn(channels: int) -> nn.GroupNorm:
 
 class Bottleneck(nn.Module):
     """ResNet bottleneck 1x1 -> 3x3 (stride) -> 1x1, GN after each conv, projection shortcut
-    (post-activation, ResNet v1.5: the hybrid stem's block)."""
+    (post-activation, ResNet v1.5: the hybrid stem's block). "SAME" padding, as the
+    paper's JAX code."""
 
     def __init__(self, in_chs: int, width: int, stride: int):
         super().__init__()
         out_chs = width * 4
         self.conv1, self.gn1 = StdConv2d(in_chs, width, 1, bias=False), gn(width)
-        self.conv2 = StdConv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = StdConv2dSame(width, width, 3, stride=stride, bias=False)
         self.gn2 = gn(width)
         self.conv3, self.gn3 = StdConv2d(width, out_chs, 1, bias=False), gn(out_chs)
         nn.init.zeros_(self.gn3.weight)  # each residual branch starts as identity

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitexp.models.hybrid import STRIDE, HybridEmbed, StdConv2d
+from vitexp.models.hybrid import STRIDE, HybridEmbed
 from vitexp.models.patch_embed import Size2d
+from vitexp.models.resnet import StdConv2d
 
 
 # --- attention rollout ---------------------------------------------------------------------
@@ -185,7 +186,7 @@ def effective_conv_weight(conv: nn.Conv2d) -> torch.Tensor:
     if isinstance(conv, StdConv2d):
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        w = (w - mean) / torch.sqrt(var + 1e-5)
+        w = (w - mean) / torch.sqrt(var + conv.eps)
     return w
 
 
