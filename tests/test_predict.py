@@ -124,17 +124,39 @@ def test_the_command_line_says_what_is_missing_in_one_line(checkpoints, tmp_path
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-def test_a_cnn_checkpoint_predicts_too(images, tmp_path):
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("bit_tiny_debug", {}),  # the CNN baseline
+        ("hybrid_r50_b16", dict(img_size=32, embed_dim=32, depth=1, num_heads=2)),
+        ("vit_tiny_debug", dict(pos_embed="relative", pool="gap", class_token=False)),
+        ("vit_tiny_debug", dict(pos_embed={"kind": "learned_2d", "placement": "every_layer"})),
+        ("vit_tiny_debug", dict(patch_size=8, patch_stride=4, img_size=(32, 24))),
+    ],
+    ids=["bit", "hybrid", "relative_gap", "2d_every_layer", "overlap_non_square"],
+)
+def test_every_model_kind_predicts_what_it_computes(images, tmp_path, name, options):
     from vitexp.models import create_model
     from vitexp.models.factory import model_record
 
-    net = create_model("bit_tiny_debug", num_classes=3).eval()
-    record = {**model_record(net), "class_names": ["a", "b", "c"]}
+    from conftest import randomize_
+
+    net = randomize_(create_model(name, num_classes=3, **options), std=0.2).eval()
+    record = {**model_record(net), "class_names": ["a", "b", "c"], "eval_crop_pct": 1.0}
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"vitexp": record, "state_dict": state}, tmp_path / "bit.ckpt")
+    torch.save({"vitexp": record, "state_dict": state}, tmp_path / "m.ckpt")
     c = PredictCommandConfig(
-        str(tmp_path / "bit.ckpt"), str(images / "sub"), 2, str(tmp_path / "b.csv")
+        str(tmp_path / "m.ckpt"), str(images / "sub"), 2, str(tmp_path / "o.csv")
     )
     rows = predict(c)
     assert [Path(r["file"]).name for r in rows] == ["img1.png", "img3.png"]
-    assert all(r["label_1"] in "abc" and r["prob_1"] >= r["prob_2"] for r in rows)
+    pipeline = build_transforms(
+        AugmentConfig(crop_pct=1.0), net.img_size, net.cfg.mean, net.cfg.std, train=False
+    )
+    for row in rows:
+        image = Image.open(row["file"]).convert("RGB")
+        with torch.no_grad():
+            probs = net(pipeline(image)[None]).softmax(-1)[0]
+        best = int(probs.argmax())
+        assert row["label_1"] == "abc"[best]
+        assert row["prob_1"] == pytest.approx(float(probs[best]), abs=1e-5)
