@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitexp.errors import ConfigError
-from vitexp.models.convert import HYBRID_TO_TIMM, TIMM_HYBRID_WS_EPS, rename, restandardize
+from vitexp.models.convert import TIMM_HYBRID_WS_EPS, rename_hybrid, restandardize
 from vitexp.models.patch_embed import to_2tuple
 
 FORMATS = ("timm", "torchscript", "onnx")
@@ -107,7 +107,7 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if value.dim() == 4:  # a weight-standardised conv
                 conv = model.get_submodule(key.removesuffix(".weight"))
                 value = restandardize(value, conv.eps, TIMM_HYBRID_WS_EPS)
-            out[rename(key, HYBRID_TO_TIMM)] = value
+            out[rename_hybrid(key, to_timm=True)] = value
         else:
             out[key] = value
     return {k: v.detach().contiguous().clone() for k, v in out.items()}

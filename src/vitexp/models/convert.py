@@ -24,28 +24,24 @@ from vitexp.models.vit import VisionTransformer, ViTConfig
 # The hybrid's ResNet, vitexp's names -> timm's (vitexp.models.hybrid -> timm's resnetv2
 # under patch_embed.backbone), and the kernels' standardisation eps: 1e-5 in vitexp (the
 # paper's JAX code), 1e-8 in timm's port.
-HYBRID_TO_TIMM = [
-    (r"\.root\.0\.", ".stem.conv."),
-    (r"\.root\.1\.", ".stem.norm."),
-    (r"\.stages\.(\d+)\.(\d+)\.", r".stages.\1.blocks.\2."),
-    (r"\.gn(\d)\.", r".norm\1."),
-    (r"\.downsample\.0\.", ".downsample.conv."),
-    (r"\.downsample\.1\.", ".downsample.norm."),
-]
-TIMM_TO_HYBRID = [
-    (r"\.stem\.conv\.", ".root.0."),
-    (r"\.stem\.norm\.", ".root.1."),
-    (r"\.stages\.(\d+)\.blocks\.(\d+)\.", r".stages.\1.\2."),
-    (r"\.norm(\d)\.", r".gn\1."),
-    (r"\.downsample\.conv\.", ".downsample.0."),
-    (r"\.downsample\.norm\.", ".downsample.1."),
+HYBRID_NAMES = [  # (vitexp, timm); {} is a block or stage index
+    ("root.0", "stem.conv"),
+    ("root.1", "stem.norm"),
+    ("stages.{}.{}", "stages.{}.blocks.{}"),
+    ("gn{}", "norm{}"),
+    ("downsample.0", "downsample.conv"),
+    ("downsample.1", "downsample.norm"),
 ]
 HYBRID_WS_EPS, TIMM_HYBRID_WS_EPS = 1e-5, 1e-8
 
 
-def rename(key: str, pairs: list[tuple[str, str]]) -> str:
-    for pattern, name in pairs:
-        key = re.sub(pattern, name, key)
+def rename_hybrid(key: str, to_timm: bool) -> str:
+    """A hybrid backbone weight's name in timm's (`to_timm`) or vitexp's naming."""
+    for ours, theirs in HYBRID_NAMES:
+        old, new = (ours, theirs) if to_timm else (theirs, ours)
+        pattern = re.escape(f".{old}.").replace(re.escape("{}"), r"(\d+)")
+        groups = [f"\\{i + 1}" for i in range(old.count("{}"))]
+        key = re.sub(pattern, f".{new.format(*groups)}.", key)
     return key
 
 
@@ -222,7 +218,7 @@ def convert_timm_state_dict(
         elif key.startswith("patch_embed.backbone."):
             if value.dim() == 4:  # a weight-standardised conv
                 value = restandardize(value, TIMM_HYBRID_WS_EPS, HYBRID_WS_EPS)
-            out[rename(key, TIMM_TO_HYBRID)] = value
+            out[rename_hybrid(key, to_timm=False)] = value
         else:
             raise ValueError(f"timm weight {key!r} has no place in vitexp's ViT")
     return out
