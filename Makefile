@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 # run on CPU or GPU. Override e.g. `make TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# test files run in parallel, one worker per core (each file on one worker: its module
+# fixtures are built once); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
 
@@ -65,10 +69,10 @@ bench: $(VENV)/.installed  ## speed and memory vs timm (CPU; GPU when present) a
 	$(PY) -m vitexp.bench --out outputs/bench.json $(ARGS)
 
 test: $(VENV)/.installed  ## run the test suite (fails if no test ran); SLURM tests need root
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed  ## the tests without the slow end-to-end, resume and SLURM ones
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff check + format check
 	$(VENV)/bin/ruff check src tests

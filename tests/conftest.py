@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,20 @@ VALID_CELLS = [
     ("learned_2d", "every_layer_shared"),
     ("relative", "stem"),
 ]
+
+
+def _share_the_cores_between_xdist_workers() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core) each worker, and every run
+    it starts, gets its share of the cores: oversubscribed torch threads only spin."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
+_share_the_cores_between_xdist_workers()
+
 NA_CELLS = [
     ("none", "every_layer"),
     ("none", "every_layer_shared"),

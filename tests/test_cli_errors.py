@@ -57,3 +57,24 @@ def test_config_error_from_the_command_line_exits_2_either_way(tmp_path: Path, f
     assert lines[-1] == "error: model.pool='max' is not one of cls, gap", result.stderr
     assert ("Traceback" in result.stderr) == full_error
     assert len(lines) > 1 if full_error else len(lines) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["model.foo=1"], ["model/pos_embed=relative", "model.pos_embed.placement=every_layer"]],
+    ids=["unknown key", "N/A cell"],
+)
+def test_a_config_error_stops_before_lightning_and_the_data_are_imported(tmp_path, args):
+    """A bad value is reported once the config is composed and checked, without the
+    seconds that importing Lightning, torchvision and the data path take."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vitexp.train", *args,
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=cli_env(False), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("error: ")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")}
+    assert "torch" in imported and "vitexp.config" in imported  # the check itself ran
+    assert not imported & {"lightning", "torchvision", "vitexp.data", "vitexp.trainer"}
+    assert not (tmp_path / "run").exists()

@@ -90,7 +90,11 @@ def quiet_console() -> None:
     they can be routed) and keep what it says before the run directory exists, for
     train.log (`vitexp.rundir.log_to_file` flushes it there)."""
     logging.captureWarnings(True)
-    for name in ("", *CHATTY):
+    # "lightning" has a console handler of its own, and its packages propagate to it (and
+    # to the root logger, when they are imported after Hydra set that up): stop there, so
+    # that each line reaches one console handler
+    logging.getLogger("lightning").propagate = False
+    for name in ("", "lightning", *CHATTY):
         for handler in logging.getLogger(name).handlers:
             console = type(handler) is logging.StreamHandler
             if console and not any(isinstance(f, ConsoleFilter) for f in handler.filters):

@@ -13,15 +13,11 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.callbacks import requeue_count
-from vitexp.checkpoint import checkpoint_exists
 from vitexp.config import TrainConfig, without_hydra
 from vitexp.errors import CheckpointError, ConfigError
 from vitexp.files import write_atomic
-from vitexp.progress import CHATTY, flush_early_log
 
 log = logging.getLogger("vitexp")
 _IMPORTED_AT = time.time() - 1.0  # mtime granularity: a directory Hydra makes is newer
@@ -34,6 +30,8 @@ def hydra_run_dir() -> Path:
 
 def finished_requeue(hydra_dir: Path) -> dict | None:
     """A requeued SLURM job whose run had already finished: its results."""
+    from vitexp.callbacks import requeue_count
+
     if requeue_count() > 0 and (hydra_dir / "results.json").is_file():
         log.info("requeued SLURM job had finished: %s/results.json", hydra_dir)
         return json.loads((hydra_dir / "results.json").read_text())
@@ -46,6 +44,11 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
     A fresh run refuses a directory that already holds checkpoints or results, so that
     nothing is overwritten; a resumed run continues in the directory of its checkpoint.
     """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from vitexp.callbacks import requeue_count
+    from vitexp.checkpoint import checkpoint_exists
+
     last = hydra_dir / "checkpoints" / "last.ckpt"
     if c.ckpt_path is None and requeue_count() > 0 and checkpoint_exists(last):
         log.info("requeued SLURM job: resuming from %s", last)
@@ -84,12 +87,22 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
 
 
 RUN_LOG = "vitexp-train-log"  # the name of the train.log handler of the run in progress
-LOGGED = ("vitexp", *CHATTY)  # the loggers whose records train.log keeps
+
+
+def logged() -> tuple[str, ...]:
+    """The loggers whose records train.log keeps: vitexp's and Lightning's."""
+    from vitexp.progress import CHATTY
+
+    return ("vitexp", *CHATTY)
 
 
 def log_to_file(run_dir: Path) -> None:
     """train.log: the run's console lines (vitexp's and Lightning's messages, the progress
     at each validation, the result, any error), on rank 0."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from vitexp.progress import flush_early_log
+
     if rank_zero_only.rank != 0:
         return
     stop_logging_to_file()
@@ -98,7 +111,7 @@ def log_to_file(run_dir: Path) -> None:
     handler.setLevel(logging.INFO)
     handler.set_name(RUN_LOG)
     flush_early_log(handler)  # what Lightning said while the Trainer was built
-    for name in LOGGED:
+    for name in logged():
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         if logger.getEffectiveLevel() > logging.INFO:
@@ -107,7 +120,8 @@ def log_to_file(run_dir: Path) -> None:
 
 def stop_logging_to_file(error: str | None = None) -> None:
     """Close train.log, with the error line that ended the run (only there: the console
-    gets it from the command line's handler)."""
+    gets it from the command line's handler). Imports nothing heavy when no run began: a
+    config error exits at once."""
     # found through the logger, not kept in a global: submitit pickles this module's
     # functions with their globals when it requeues a job, and a handler holds a lock
     handler = next((h for h in logging.getLogger("vitexp").handlers if h.name == RUN_LOG), None)
@@ -115,7 +129,7 @@ def stop_logging_to_file(error: str | None = None) -> None:
         return
     if error:
         handler.handle(logging.makeLogRecord({"msg": f"error: {error}", "levelname": "ERROR"}))
-    for name in LOGGED:
+    for name in logged():
         logging.getLogger(name).removeHandler(handler)
     handler.close()
 

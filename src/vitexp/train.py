@@ -15,27 +15,24 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
-from torch import nn
 
+# only what composing and validating a config needs: Lightning, the data and the trainer
+# are imported once the config is valid, so a bad value is reported in seconds
 from vitexp import rundir
-from vitexp.baselines import BASELINE_SOURCES, pixel_baselines, side_by_side
-from vitexp.callbacks import PreemptionCheckpoint, requeue_count, slurm_job_id
-from vitexp.checkpoint import check_resumable, load_pretrained, read_checkpoint, resolve_pretrained
 from vitexp.cli import in_multirun, one_line, run_cli, single_run_errors
 from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
 from vitexp.errors import ConfigError, Interrupted
 from vitexp.files import write_atomic
-from vitexp.models import NotApplicableCell, build_model
-from vitexp.progress import quiet_console
-from vitexp.trainer import build_trainer, check_device, speed_switches, weight_average
+from vitexp.models import NotApplicableCell
+
+if TYPE_CHECKING:
+    import lightning as L
+    from torch import nn
 
 log = logging.getLogger("vitexp")
 
@@ -43,13 +40,26 @@ log = logging.getLogger("vitexp")
 def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     """Validate, train, test; returns what results.json holds. Every check (config, data,
     device, run directory, checkpoints) runs before the run directory gets any file."""
-    from vitexp.data import ImageDataModule  # after validation: a bad config fails fast
-    from vitexp.data.transforms import BatchMix
-    from vitexp.module import ViTModule
-
     start = time.time()
-    quiet_console()
     c = validate(cfg)
+    import lightning as L
+
+    from vitexp.baselines import BASELINE_SOURCES, pixel_baselines, side_by_side
+    from vitexp.callbacks import requeue_count, slurm_job_id
+    from vitexp.checkpoint import (
+        check_resumable,
+        load_pretrained,
+        read_checkpoint,
+        resolve_pretrained,
+    )
+    from vitexp.data import ImageDataModule
+    from vitexp.data.transforms import BatchMix
+    from vitexp.models import build_model
+    from vitexp.module import ViTModule
+    from vitexp.progress import quiet_console
+    from vitexp.trainer import build_trainer, check_device, speed_switches, weight_average
+
+    quiet_console()
     hydra_dir = Path(hydra_dir or rundir.hydra_run_dir())
     if (finished := rundir.finished_requeue(hydra_dir)) is not None:
         return finished
@@ -220,6 +230,10 @@ def check_data(c: TrainConfig, data: Any) -> None:
 def fit(trainer: L.Trainer, module: nn.Module, data: Any, run_dir: Path, resume: Path | None):
     """`trainer.fit`, with a stop by signal (SIGTERM, preemption, Ctrl-C) turned into one
     line that says where the checkpoint is and how to resume."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from vitexp.callbacks import slurm_job_id
+
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
@@ -247,6 +261,8 @@ def fit(trainer: L.Trainer, module: nn.Module, data: Any, run_dir: Path, resume:
 
 def _interrupted_by_user(trainer: L.Trainer) -> bool:
     """Ctrl-C (vitexp.callbacks.PreemptionCheckpoint), not SIGTERM or preemption."""
+    from vitexp.callbacks import PreemptionCheckpoint
+
     return any(isinstance(cb, PreemptionCheckpoint) and cb.interrupted for cb in trainer.callbacks)
 
 
@@ -285,6 +301,8 @@ def describe_run(
 ) -> list[str]:
     """The lines at the top of a run's console output and train.log: where it writes, the
     model, the data and the recipe."""
+    from vitexp.trainer import speed_switches
+
     t, m = c.trainer, c.model
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.max_epochs} epochs"
     precision, compiled = speed_switches(t)
@@ -301,6 +319,15 @@ def describe_run(
         + (f", EMA {c.ema.decay:g}" if c.ema.decay is not None else "")
         + f", {trainer.world_size} process(es)",
     ]
+
+
+def is_rank_zero() -> bool:
+    """Rank 0, or a single process (a config error comes before Lightning is imported)."""
+    if "lightning" not in sys.modules:
+        return True
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
 
 
 register_configs()
@@ -322,7 +349,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None
     except BaseException as err:
         rundir.stop_logging_to_file(one_line(err))
-        if in_multirun() and rank_zero_only.rank == 0 and isinstance(err, Exception):
+        if in_multirun() and is_rank_zero() and isinstance(err, Exception):
             rundir.record_sweep_job(cfg, "failed", one_line(err))
         elif not in_multirun():
             rundir.remove_new_empty_dirs(rundir.hydra_run_dir())

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
 from vitexp.models.common import ModelConfig
 from vitexp.models.patch_embed import PatchEmbed, Size2d, to_2tuple
@@ -221,6 +220,8 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, rel_pos)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        from torchvision.ops import StochasticDepth  # here: importing torchvision takes ~2 s
+
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
     def forward(
