@@ -22,8 +22,8 @@ from vitexp.models.pos_embed import resample_grid, square_grid
 from vitexp.models.vit import VisionTransformer, ViTConfig
 
 # The hybrid's ResNet, vitexp's names -> timm's (vitexp.models.hybrid -> timm's resnetv2
-# under patch_embed.backbone), and the kernels' standardisation eps: 1e-5 in vitexp (the
-# paper's JAX code), 1e-8 in timm's port.
+# under patch_embed.backbone), and timm's kernel-standardisation eps (vitexp's: each
+# StdConv2d's own, 1e-5 as the paper's JAX code).
 HYBRID_NAMES = [  # (vitexp, timm); {} is a block or stage index
     ("root.0", "stem.conv"),
     ("root.1", "stem.norm"),
@@ -32,7 +32,7 @@ HYBRID_NAMES = [  # (vitexp, timm); {} is a block or stage index
     ("downsample.0", "downsample.conv"),
     ("downsample.1", "downsample.norm"),
 ]
-HYBRID_WS_EPS, TIMM_HYBRID_WS_EPS = 1e-5, 1e-8
+TIMM_HYBRID_WS_EPS = 1e-8
 
 
 def rename_hybrid(key: str, to_timm: bool) -> str:
@@ -216,9 +216,11 @@ def convert_timm_state_dict(
             if key.startswith("patch_embed.proj.") and model.cfg.stem == "r50":
                 out[key.replace(".proj.", ".embed.proj.")] = value  # the same tensor
         elif key.startswith("patch_embed.backbone."):
-            if value.dim() == 4:  # a weight-standardised conv
-                value = restandardize(value, TIMM_HYBRID_WS_EPS, HYBRID_WS_EPS)
-            out[rename_hybrid(key, to_timm=False)] = value
+            key = rename_hybrid(key, to_timm=False)
+            if value.dim() == 4:  # a weight-standardised conv: to the eps of vitexp's
+                conv = model.get_submodule(key.removesuffix(".weight"))
+                value = restandardize(value, TIMM_HYBRID_WS_EPS, conv.eps)
+            out[key] = value
         else:
             raise ValueError(f"timm weight {key!r} has no place in vitexp's ViT")
     return out
