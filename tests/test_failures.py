@@ -284,6 +284,42 @@ RANK0_SEES_A_CONNECTION_ERROR = textwrap.dedent(
 )
 
 
+RANK0_FAILS_WHILE_THE_WATCHER_REPORTS = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    from vitexp.callbacks import DDPWorkerWatch, ddp_children
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              DDPWorkerWatch.MARKER + "1"])
+    time.sleep(0.5)
+    watch = DDPWorkerWatch()
+    what_to_do = watch._what_to_do
+    def slow_what_to_do():  # reading last.ckpt's step takes a while
+        time.sleep(1.0)
+        return what_to_do()
+    watch._what_to_do = slow_what_to_do
+    watch._ranks = ddp_children(os.getpid(), DDPWorkerWatch.MARKER)
+    watch.start_watching()
+    child.send_signal(signal.SIGKILL)
+    time.sleep(0.4)  # the watcher has seen the death and is writing its line
+    watch.on_exception(None, None, RuntimeError("gloo: Connection closed by peer"))
+    print("on_exception returned", file=sys.stderr)
+    """
+)
+
+
+def test_rank0_waits_for_the_watcher_that_is_naming_the_dead_rank():
+    """The watcher found the dead rank first and is still writing its line when the
+    connection error reaches rank 0: rank 0 must not exit before the line is out."""
+    result = subprocess.run(
+        [sys.executable, "-c", RANK0_FAILS_WHILE_THE_WATCHER_REPORTS],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "on_exception returned" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in last
+
+
 def test_a_collective_error_from_a_dead_rank_names_the_rank():
     """The race of the test above, made certain: the connection error arrives before the
     watcher's poll; `on_exception` still finds the dead rank and says so."""
@@ -294,3 +330,32 @@ def test_a_collective_error_from_a_dead_rank_names_the_rank():
     assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in lines[-1]
+
+
+def test_a_rank_reaped_by_lightnings_observer_is_still_named(monkeypatch):
+    """Lightning's observer reaps a dead rank with Popen.poll, and a later waitpid finds no
+    child: the watch reads how it ended from the same Popen, and Lightning's observer, which
+    would SIGKILL rank 0 without a word, is stopped once the watch runs."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", DDPWorkerWatch.MARKER + "1"]
+    )
+    observer = _ChildProcessObserver(os.getpid(), [child], sleep_period=3600)
+    observer.start()  # sleeps: only its list is read below
+    watch = DDPWorkerWatch()
+    watch._ranks, watch._procs = {child.pid: 1}, {child.pid: child}
+    failed = []
+    monkeypatch.setattr(watch, "_fail", lambda *args: failed.append(args[:3]))
+    watch._poll()
+    assert failed == [] and watch._ranks == {child.pid: 1}  # running: nothing to say
+    child.kill()
+    child.wait()  # what the observer's poll does: the child is reaped, its status is in child
+    watch._poll()
+    assert failed == [(1, child.pid, -signal.SIGKILL)]
+    assert watch._ranks == {}
+
+    from vitexp.callbacks import silence_lightning_observers
+
+    silence_lightning_observers()
+    assert observer._child_processes == []

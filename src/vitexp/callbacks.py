@@ -176,10 +176,10 @@ class DDPWorkerWatch(L.Callback):
     """On rank 0 of a single-node DDP run: if another rank's process dies, say which one in
     one line and stop every rank at once, instead of waiting in a collective.
 
-    Lightning starts ranks 1..N-1 as child processes of rank 0 and kills everything, without
-    a word, some seconds after one of them fails. This watcher polls more often, reaps the
-    dead child itself (so that Lightning sees nothing to do), prints the error and exits
-    with code 1. Checkpoints are written atomically, so `last_ckpt`, if there is one yet, is
+    Lightning starts ranks 1..N-1 as child processes of rank 0, and its observer kills
+    everything, without a word, up to 5 s after one of them fails. This watcher takes the
+    observer's place: it polls every 50 ms, prints the error, kills the other ranks and
+    exits with code 1. Checkpoints are written atomically, so `last_ckpt`, if there is one yet, is
     whole: the error says whether `ckpt_path=last` resumes, or there is nothing to resume.
     """
 
@@ -192,24 +192,40 @@ class DDPWorkerWatch(L.Callback):
         self.period_s = period_s
         self.grace_s = grace_s
         self._ranks: dict[int, int] = {}  # pid -> local rank, of the children still running
+        # pid -> Lightning's Popen of that child: its observer thread reaps the child too
+        # (Popen.poll), and then only the Popen knows how it ended
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()  # the watcher thread and on_exception both poll
         self._stop = threading.Event()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size > 1 and trainer.global_rank == 0:
             self._ranks = ddp_children(os.getpid(), self.MARKER)
+            launched = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+            self._procs = {proc.pid: proc for proc in launched if proc.pid in self._ranks}
             if self._ranks:  # one watcher per stage (fit, then test)
-                self._stop = threading.Event()
-                threading.Thread(target=self._watch, daemon=True).start()
+                silence_lightning_observers()
+                self.start_watching()
+
+    def start_watching(self) -> None:
+        """Poll the ranks in `_ranks` from a daemon thread until teardown."""
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="ddp-worker-watch").start()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._stop.set()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         """A dead rank often shows first as a connection error in rank 0's collective: give
-        the dead process a moment to be seen, so that the error names it."""
+        the dead process a moment to be seen, so that the error names it. If the watcher
+        thread is reporting it already, wait for it (it holds the lock until it exits the
+        process): returning would let rank 0 exit first, with the connection error."""
         deadline = time.monotonic() + self.grace_s
-        while self._ranks and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             self._poll()
+            with self._lock:
+                if not self._ranks:
+                    return
             time.sleep(self.period_s)
 
     def _watch(self) -> None:
@@ -217,17 +233,25 @@ class DDPWorkerWatch(L.Callback):
             self._poll()
 
     def _poll(self) -> None:
-        for pid, rank in list(self._ranks.items()):
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by the other caller of _poll, or by Lightning
+        with self._lock:
+            for pid, rank in list(self._ranks.items()):
+                code = self._exit_code(pid)
+                if code is None:
+                    continue
                 self._ranks.pop(pid, None)
-                continue
-            if done:
-                self._ranks.pop(pid, None)
-                code = os.waitstatus_to_exitcode(status)
                 if code != 0:
                     self._fail(rank, pid, code, self._ranks)
+
+    def _exit_code(self, pid: int) -> int | None:
+        """How the child ended (negative: the signal), or None while it runs."""
+        proc = self._procs.get(pid)
+        if proc is not None:  # whoever reaped it, Lightning's observer or we, set returncode
+            return proc.poll()
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (any more): nothing to say of it
+            return 0
+        return os.waitstatus_to_exitcode(status) if done else None
 
     def _fail(self, rank: int, pid: int, code: int, others: dict[int, int]) -> None:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -339,6 +363,18 @@ class SignalDeadline(L.Callback):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         os._exit(143)
+
+
+def silence_lightning_observers() -> None:
+    """Stop Lightning's child-process observer: it polls every 5 s and, when a rank has
+    died, SIGKILLs rank 0 without a word. When its poll comes first it would also take the
+    dead rank's exit status from the watch, which could then not name it. The watch does
+    what it does (kill the other ranks, stop rank 0), sooner and with the error line."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._child_processes = []  # its next poll finds nothing running and it ends
 
 
 def ddp_children(parent: int, marker: str) -> dict[int, int]:
