@@ -40,6 +40,7 @@ from vitexp.cli import run_cli
 from vitexp.errors import ConfigError
 from vitexp.files import write_atomic
 from vitexp.models.pos_embed import STEM_ONLY_KINDS
+from vitexp.recipes import mean_std as seed_mean_std
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,15 +102,6 @@ class Job:
     axes: dict[str, object] = field(default_factory=dict)  # its value of each swept axis
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def _std(values: list[float]) -> float | None:
-    """Sample standard deviation over seeds (None for fewer than two)."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else None
-
-
 @dataclass
 class Cell:
     values: list[float] = field(default_factory=list)
@@ -120,19 +112,19 @@ class Cell:
 
     @property
     def mean(self) -> float | None:
-        return _mean(self.values)
+        return seed_mean_std(self.values)[0]
 
     @property
     def std(self) -> float | None:
-        return _std(self.values)
+        return seed_mean_std(self.values)[1]
 
     @property
     def test_mean(self) -> float | None:
-        return _mean(self.test_accs)
+        return seed_mean_std(self.test_accs)[0]
 
     @property
     def test_std(self) -> float | None:
-        return _std(self.test_accs)
+        return seed_mean_std(self.test_accs)[1]
 
     @property
     def images(self) -> int | None:
@@ -511,7 +503,7 @@ def summarise_axes(jobs: list[Job], axes: list[str], view: str) -> Summary:
     return Summary(view, axes, metric, {k: cells[k] for k in sorted(cells, key=sort_key)}, jobs)
 
 
-def mean_std(mean: float | None, std: float | None) -> str:
+def format_mean_std(mean: float | None, std: float | None) -> str:
     if mean is None:
         return ""
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
@@ -520,7 +512,7 @@ def mean_std(mean: float | None, std: float | None) -> str:
 def score_text(cell: Cell) -> str:
     """The score's cell: mean ± std, or what became of the jobs that have none."""
     if cell.values:
-        return mean_std(cell.mean, cell.std)
+        return format_mean_std(cell.mean, cell.std)
     for status, text in (("running", "running"), ("failed", "failed"), ("n/a", "N/A")):
         if cell.statuses[status]:
             return text
@@ -565,7 +557,7 @@ def axes_markdown(s: Summary) -> str:
             row.append("" if cell.images is None else str(cell.images))
         row.append(score_text(cell))
         if s.fewshot:
-            row.append(mean_std(cell.test_mean, cell.test_std))
+            row.append(format_mean_std(cell.test_mean, cell.test_std))
         row += [str(len(cell.values)), " ".join(map(str, sorted(cell.seeds)))]
         row.append(str(cell.statuses["failed"]))
         row += [str(cell.statuses["running"])] * running + [str(cell.statuses["n/a"])] * na
