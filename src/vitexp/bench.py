@@ -397,13 +397,12 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     net = build_model(c.model, case.num_classes)
     module = ViTModule(net, c.optim, c.schedule, c.loss, compile=speed_switches(c.trainer)[1])
     timer = StepTimer(setup.warmup)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(c, Path(run_dir))
+    with tempfile.TemporaryDirectory() as run_dir, _quiet_lightning():
+        trainer = build_trainer(c, Path(run_dir))  # says the devices, tips, SLURM hints
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelSummary)]
         trainer.callbacks.append(timer)
         batches = DataLoader(SameBatch(case, setup.warmup + steps), batch_size=None)
-        with _quiet_lightning():
-            trainer.fit(module, train_dataloaders=batches)
+        trainer.fit(module, train_dataloaders=batches)
     return {"images_per_s": case.batch * len(timer.times) / sum(timer.times), "steps": steps}
 
 
@@ -444,13 +443,17 @@ def _quiet_lightning() -> Iterator[None]:
     import logging
     import warnings
 
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    logger.setLevel(level)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]  # each sets INFO for itself
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # --- data pipeline ---------------------------------------------------------------------------
