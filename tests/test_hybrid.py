@@ -85,3 +85,22 @@ def test_a_hybrid_checkpoint_from_before_same_padding_says_so():
         warnings.simplefilter("error")
         config_from_record({**record, "format": 3})
         config_from_record({"format": 2, **model_record(create_model("vit_ti16"))})
+
+
+def test_a_checkpoint_holding_the_projection_twice_still_loads():
+    """Format < 4 hybrids stored the projection twice (patch_embed.proj and, the same
+    tensors, patch_embed.embed.proj): it loads strictly into today's model, stored once."""
+    model = randomize_(small_hybrid(img_size=64)).eval()
+    state = model.state_dict()
+    assert not any(".embed.proj." in key for key in state)
+    old = {**state, **{k.replace(".proj.", ".embed.proj."): v for k, v in state.items()
+                       if k.startswith("patch_embed.proj.")}}  # fmt: skip
+    assert len(old) == len(state) + 2
+    loaded = small_hybrid(img_size=64).eval()
+    loaded.load_state_dict(old)  # strict
+    # the optimizer state of a resumed run follows the parameters' order: unchanged
+    names = [name for name, _ in model.named_parameters() if name.startswith("patch_embed.")]
+    assert names[0].startswith("patch_embed.backbone.root.")
+    assert names[-2:] == ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))

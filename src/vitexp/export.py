@@ -101,8 +101,6 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out["pos_embed"] = value
         elif key.startswith("encoder."):
             out[key.removeprefix("encoder.")] = value
-        elif key.startswith("patch_embed.embed."):
-            continue  # the hybrid's projection, also registered as patch_embed.proj
         elif key.startswith("patch_embed.backbone."):
             if value.dim() == 4:  # a weight-standardised conv
                 conv = model.get_submodule(key.removesuffix(".weight"))

@@ -22,8 +22,9 @@ from vitexp.errors import ConfigError, Diverged
 from vitexp.models import VisionTransformer
 from vitexp.models.factory import model_record
 
-CHECKPOINT_FORMAT = 3  # 2: the model's family, config and class count (models.factory);
-# 3: the hybrid stem pads "SAME", as the paper's JAX code (models.hybrid)
+CHECKPOINT_FORMAT = 4  # 2: the model's family, config and class count (models.factory);
+# 3: the hybrid stem pads "SAME", as the paper's JAX code (models.hybrid);
+# 4: the hybrid's projection is stored once, as patch_embed.proj (older: also .embed.proj)
 NO_SCHEDULE_END = (
     "trainer.max_steps is not set and the data has no length (streaming): "
     "set trainer.max_steps to give the schedule its end"

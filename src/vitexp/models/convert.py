@@ -213,8 +213,6 @@ def convert_timm_state_dict(
             out[key.replace("pre_logits.fc.", "pre_logits.0.")] = value
         elif re.match(r"^(cls_token|patch_embed\.proj\.|head\.|fc_norm\.)", key):
             out[key] = value
-            if key.startswith("patch_embed.proj.") and model.cfg.stem == "r50":
-                out[key.replace(".proj.", ".embed.proj.")] = value  # the same tensor
         elif key.startswith("patch_embed.backbone."):
             key = rename_hybrid(key, to_timm=False)
             if value.dim() == 4:  # a weight-standardised conv: to the eps of vitexp's

@@ -41,11 +41,12 @@ class ResNetStages(nn.Module):
         return self.stages(self.root(x))
 
 
-class HybridEmbed(nn.Module):
+class HybridEmbed(PatchEmbed):
     """Image -> ResNet feature map -> patch embedding of the map (patch_size 1 in the paper).
 
-    Exposes the same interface as `PatchEmbed` (grid_size, img_size, proj, set_img_size),
-    so class token, every position embedding and `resize` work unchanged.
+    A `PatchEmbed` whose input is the feature map, so class token, every position embedding
+    and `resize` work unchanged; `img_size` stays in pixels, `grid_size` counts map cells.
+    Its weights are named as timm's hybrid's (`backbone.*` aside, `proj`).
     """
 
     def __init__(
@@ -56,17 +57,17 @@ class HybridEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 768,
     ):
-        super().__init__()
-        self.backbone = ResNetStages(in_chans)
-        self.img_size = self._check(to_2tuple(img_size, "img_size"))
-        self.embed = PatchEmbed(
-            self.feature_size(self.img_size),
-            patch_size,
-            patch_stride,
-            self.backbone.out_channels,
-            embed_dim,
-        )
-        self.proj = self.embed.proj
+        img_size = self._check(to_2tuple(img_size, "img_size"))
+        backbone = ResNetStages(in_chans)
+        map_size = self.feature_size(img_size)
+        super().__init__(map_size, patch_size, patch_stride, backbone.out_channels, embed_dim)
+        self.backbone = backbone
+        # parameters in the order they compute, as before format 4: a resumed optimizer's
+        # state is matched to them by position
+        proj = self.proj
+        del self.proj
+        self.proj = proj
+        self.img_size = img_size
 
     @staticmethod
     def _check(img_size: Size2d) -> Size2d:
@@ -81,15 +82,19 @@ class HybridEmbed(nn.Module):
     def feature_size(img_size: Size2d) -> Size2d:
         return (img_size[0] // STRIDE, img_size[1] // STRIDE)
 
-    @property
-    def grid_size(self) -> Size2d:
-        return self.embed.grid_size
-
     def set_img_size(self, img_size: int | Sequence[int]) -> None:
         img_size = self._check(to_2tuple(img_size, "img_size"))
-        self.embed.set_img_size(self.feature_size(img_size))
+        super().set_img_size(self.feature_size(img_size))
         self.img_size = img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x, self.img_size)
-        return self.embed(self.backbone(x))
+        x = self.proj(self.backbone(x))  # (B, D, rows, cols)
+        return x.flatten(2).transpose(1, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints of format < 4 also hold the projection as embed.proj (a PatchEmbed
+        # inside, registered twice): the same tensors as proj
+        for name in ("weight", "bias"):
+            state_dict.pop(f"{prefix}embed.proj.{name}", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -74,10 +74,8 @@ def token_boxes(model: nn.Module) -> torch.Tensor:
     covers, each cell a STRIDE x STRIDE block of pixels (its nominal footprint; the ResNet's
     receptive field is larger)."""
     embed = model.patch_embed
-    if isinstance(embed, HybridEmbed):
-        inner = embed.embed
-        return patch_boxes(model.grid_size, inner.patch_size, inner.stride, scale=STRIDE)
-    return patch_boxes(model.grid_size, embed.patch_size, embed.stride)
+    scale = STRIDE if isinstance(embed, HybridEmbed) else 1  # its patches are map cells
+    return patch_boxes(model.grid_size, embed.patch_size, embed.stride, scale=scale)
 
 
 def tokens_to_pixels(values: torch.Tensor, boxes: torch.Tensor, img_size: Size2d):
