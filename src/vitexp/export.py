@@ -188,7 +188,7 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
         import onnx  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "format=onnx needs the onnx package (pip install onnx onnxscript); "
+            "format=onnx needs the onnx package (pip install onnx onnxscript, or vitexp[onnx]); "
             "format=torchscript works without it"
         ) from None
     path = out / "model.onnx"
