@@ -266,7 +266,9 @@ def test_ddp_worker_death_offers_to_resume_only_from_a_checkpoint(
         assert line.endswith(f"resume with ckpt_path=last ({last}, step 7)")
 
 
-RANK0_SEES_A_CONNECTION_ERROR = textwrap.dedent(
+# rank 0 of a pretend DDP run: a child process that Lightning would have started as rank 1
+# (its command line has the marker), and a watch of it; the tests below kill the child
+RANK0_WATCHING_RANK1 = textwrap.dedent(
     """
     import os, signal, subprocess, sys, time
     from vitexp.callbacks import DDPWorkerWatch, ddp_children
@@ -276,6 +278,11 @@ RANK0_SEES_A_CONNECTION_ERROR = textwrap.dedent(
     watch = DDPWorkerWatch()
     watch._ranks = ddp_children(os.getpid(), DDPWorkerWatch.MARKER)
     assert watch._ranks == {child.pid: 1}, watch._ranks
+    """
+)
+
+RANK0_SEES_A_CONNECTION_ERROR = RANK0_WATCHING_RANK1 + textwrap.dedent(
+    """
     child.send_signal(signal.SIGKILL)
     # what rank 0 sees first when a peer dies: gloo's read error in a collective
     watch.on_exception(None, None, RuntimeError("gloo: Read error: Connection reset by peer"))
@@ -283,21 +290,13 @@ RANK0_SEES_A_CONNECTION_ERROR = textwrap.dedent(
     """
 )
 
-
-RANK0_FAILS_WHILE_THE_WATCHER_REPORTS = textwrap.dedent(
+RANK0_FAILS_WHILE_THE_WATCHER_REPORTS = RANK0_WATCHING_RANK1 + textwrap.dedent(
     """
-    import os, signal, subprocess, sys, time
-    from vitexp.callbacks import DDPWorkerWatch, ddp_children
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              DDPWorkerWatch.MARKER + "1"])
-    time.sleep(0.5)
-    watch = DDPWorkerWatch()
     what_to_do = watch._what_to_do
     def slow_what_to_do():  # reading last.ckpt's step takes a while
         time.sleep(1.0)
         return what_to_do()
     watch._what_to_do = slow_what_to_do
-    watch._ranks = ddp_children(os.getpid(), DDPWorkerWatch.MARKER)
     watch.start_watching()
     child.send_signal(signal.SIGKILL)
     time.sleep(0.4)  # the watcher has seen the death and is writing its line
@@ -307,13 +306,11 @@ RANK0_FAILS_WHILE_THE_WATCHER_REPORTS = textwrap.dedent(
 )
 
 
-def test_rank0_waits_for_the_watcher_that_is_naming_the_dead_rank():
-    """The watcher found the dead rank first and is still writing its line when the
-    connection error reaches rank 0: rank 0 must not exit before the line is out."""
+def rank0_names_the_dead_rank(script: str) -> None:
+    """`script` exits 1 with the watch's line last, before `on_exception` could return."""
     result = subprocess.run(
-        [sys.executable, "-c", RANK0_FAILS_WHILE_THE_WATCHER_REPORTS],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "on_exception returned" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -321,15 +318,16 @@ def test_rank0_waits_for_the_watcher_that_is_naming_the_dead_rank():
 
 
 def test_a_collective_error_from_a_dead_rank_names_the_rank():
-    """The race of the test above, made certain: the connection error arrives before the
-    watcher's poll; `on_exception` still finds the dead rank and says so."""
-    result = subprocess.run(
-        [sys.executable, "-c", RANK0_SEES_A_CONNECTION_ERROR],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: DDP rank 1 (pid ") and "killed by SIGKILL" in lines[-1]
+    """The race of test_ddp_worker_death_fails_in_bounded_time, made certain: the connection
+    error arrives before the watcher's poll; `on_exception` still finds the dead rank and
+    says so."""
+    rank0_names_the_dead_rank(RANK0_SEES_A_CONNECTION_ERROR)
+
+
+def test_rank0_waits_for_the_watcher_that_is_naming_the_dead_rank():
+    """The watcher found the dead rank first and is still writing its line when the
+    connection error reaches rank 0: rank 0 must not exit before the line is out."""
+    rank0_names_the_dead_rank(RANK0_FAILS_WHILE_THE_WATCHER_REPORTS)
 
 
 def test_a_rank_reaped_by_lightnings_observer_is_still_named(monkeypatch):

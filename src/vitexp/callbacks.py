@@ -179,8 +179,9 @@ class DDPWorkerWatch(L.Callback):
     Lightning starts ranks 1..N-1 as child processes of rank 0, and its observer kills
     everything, without a word, up to 5 s after one of them fails. This watcher takes the
     observer's place: it polls every 50 ms, prints the error, kills the other ranks and
-    exits with code 1. Checkpoints are written atomically, so `last_ckpt`, if there is one yet, is
-    whole: the error says whether `ckpt_path=last` resumes, or there is nothing to resume.
+    exits with code 1. Checkpoints are written atomically, so `last_ckpt`, if there is one
+    yet, is whole: the error says whether `ckpt_path=last` resumes, or there is nothing to
+    resume.
     """
 
     MARKER = "train_ddp_process_"  # in the command line Lightning gives each child rank
@@ -369,7 +370,7 @@ def silence_lightning_observers() -> None:
     """Stop Lightning's child-process observer: it polls every 5 s and, when a rank has
     died, SIGKILLs rank 0 without a word. When its poll comes first it would also take the
     dead rank's exit status from the watch, which could then not name it. The watch does
-    what it does (kill the other ranks, stop rank 0), sooner and with the error line."""
+    the observer's job (kill the other ranks, stop rank 0), sooner and with the error line."""
     from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
     for thread in threading.enumerate():
