@@ -73,9 +73,12 @@ def write_folder(root: Path, classes: dict[str, int], start: int = 0, ext: str =
     return value
 
 
-def write_parquet(path: Path, ids: range, names=("a", "b", "c"), labels=None) -> None:
-    """A parquet file with a datasets Image column (image id i filled with i) and a ClassLabel,
-    or, given `labels`, a plain label column (int64 or string) holding them."""
+def write_parquet(
+    path: Path, ids: range, names=("a", "b", "c"), labels=None, images=None, row_group_size=None
+) -> None:
+    """A parquet file with a datasets Image column (image id i filled with i, or the encoded
+    `images`) and a ClassLabel, or, given `labels`, a plain label column (int64 or string)
+    holding them; one row group unless `row_group_size`."""
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as HFImage
 
@@ -85,11 +88,14 @@ def write_parquet(path: Path, ids: range, names=("a", "b", "c"), labels=None) ->
         label = Value("string" if isinstance(labels[0], str) else "int64")
     features = Features({"image": HFImage(), "label": label, "idx": Value("int64")})
     rows = {
-        "image": [{"bytes": png_bytes(solid(i % 256, (4, 4))), "path": None} for i in ids],
+        "image": [
+            {"bytes": png_bytes(solid(i % 256, (4, 4))) if images is None else data, "path": None}
+            for i, data in zip(ids, images or [None] * len(ids), strict=True)
+        ],
         "label": [i % len(names) for i in ids] if labels is None else list(labels),
         "idx": list(ids),
     }
-    Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    Dataset.from_dict(rows, features=features).to_parquet(str(path), batch_size=row_group_size)
 
 
 def pixel_ids(images) -> list[int]:

@@ -64,6 +64,8 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
     fine = ["stage=finetune", "data=digits", "data.num_classes=10", "model.depth=1"]
     fine += ["model.embed_dim=32"]
     t = ["vitexp.train", *TINY]  # each train case gets its own fresh run directory below
+    stream = ["data=hf", "data.streaming=true", "data.num_classes=3", "data.test_split=null"]
+    broken = ws / "data" / "broken.parquet"
     return [
         # --- configs and the command line
         ("unknown key", [*t, "model.foo=1"], r"model\.foo is not a key of model"),
@@ -173,21 +175,14 @@ def _cases(ws: Path) -> list[tuple[str, list[str], str]]:
         ),  # fmt: skip
         ("shapes classes", [*t, "data.num_classes=100"], r"num_classes=100"),
         (
-            "stream without max_steps",
-            [
-                *t,
-                "data=hf",
-                "data.dataset=parquet",
-                "data.streaming=true",
-                "data.num_classes=3",
-                "data.val_size=4",
-                "data.test_split=null",
-                "data.batch_size=4",
-                f"data.data_files.train={ws / 'data' / 'stream.parquet'}",
-                "trainer.max_steps=-1",
-                "trainer.max_epochs=1",
-            ],
-            r"set trainer\.max_steps",
+            "stream of a broken shard",
+            [*t, *stream, "data.dataset=parquet", f"data.data_files.train=[{broken}]"],
+            r"broken\.parquet is not a readable parquet file .*repair or remove it",
+        ),  # fmt: skip
+        (
+            "stream not parquet",
+            [*t, *stream, "data.dataset=imagefolder", f"data.root={ws / 'data' / 'three'}"],
+            r"streaming=true reads parquet shards, and these are imagefolder files; pack them",
         ),  # fmt: skip
         (
             "data before device",
@@ -270,6 +265,7 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "data" / "empty").mkdir(parents=True)
     write_folder(ws / "data" / "three", {"a": 2, "b": 2, "c": 2})
     write_parquet(ws / "data" / "stream.parquet", range(40))
+    (ws / "data" / "broken.parquet").write_bytes(b"PAR1" + os.urandom(200))
     for name in ("x", "y"):
         folder = ws / "data" / "corrupt" / name
         folder.mkdir(parents=True)

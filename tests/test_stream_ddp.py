@@ -1,7 +1,7 @@
-"""Streamed Hugging Face data under DDP: rows interleaved across ranks (equal batch counts
-whatever the shard sizes), batches independent of the loader's worker count, exact resume
-that decodes nothing it skips, integer label columns, and the SIGTERM deadline of a rank
-blocked in a collective."""
+"""Streamed parquet data under DDP: each (rank, loader worker) reads its own row groups,
+about once per epoch in all, equal whole batches on every rank whatever the shard sizes,
+exact resume that decodes nothing it skips, integer label columns, and the SIGTERM
+deadline of a rank blocked in a collective."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,35 +60,119 @@ def epoch_batches(loader, epoch: int) -> list[list[int]]:
     return [pixel_ids(x) for x, _ in loader]
 
 
-@pytest.mark.parametrize("world,batch,workers", [(2, 5, (0, 1, 2, 3)), (3, 4, (0, 2))])
-def test_rows_interleaved_across_ranks_whatever_the_workers(
+@pytest.mark.parametrize("world,batch,workers", [(2, 5, 0), (2, 5, 3), (3, 4, 2)])
+def test_equal_whole_batches_on_every_rank_over_unequal_shards(
     tmp_path, hf_offline, world, batch, workers
 ):
     """52 rows, 2 held out (val, test): 50 to share. 2 ranks: 25 rows = 5 batches each;
-    3 ranks: 16 rows = 4 batches each, 2 rows (< world) left out of the epoch."""
+    3 ranks: 16 rows = 4 batches each. Every rank the same number of whole batches, rows
+    disjoint, the same batches again for the same (seed, epoch, ranks, workers)."""
     files = shards(tmp_path)
     dm = stream_dm(files)
     assert pixel_ids(next(iter(dm.val_dataloader()))[0]) == [0]  # the head of train
     assert pixel_ids(next(iter(dm.test_dataloader()))[0]) == [1]
-    seen = {}  # (workers, epoch) -> per rank batches
-    for nw in workers:
-        dm = stream_dm(files, batch_size=batch, num_workers=nw)
-        for epoch in (0, 1):
-            seen[nw, epoch] = [
-                epoch_batches(rank_loader(dm, rank, world), epoch) for rank in range(world)
-            ]
+    dm = stream_dm(files, batch_size=batch, num_workers=workers)
+    per_rows = 50 // world
+    seen = {}
     for epoch in (0, 1):
-        ranks = seen[0, epoch]
-        assert all(seen[nw, epoch] == ranks for nw in workers)  # same batches, any worker count
-        assert len({len(b) for b in ranks}) == 1  # the same number of batches on every rank
+        ranks = [epoch_batches(rank_loader(dm, rank, world), epoch) for rank in range(world)]
+        assert all(len(r) == per_rows // batch == len(rank_loader(dm, 0, world)) for r in ranks)
         assert all(len(b) == batch for r in ranks for b in r)
-        rows = [[i for b in r for i in b] for r in ranks]
-        union = {i for r in rows for i in r}
-        assert sum(map(len, rows)) == len(union) == 50 - 50 % world  # disjoint, all but < world
-        assert union <= set(range(2, 52))  # never the held-out head
-    assert seen[0, 0] != seen[0, 1]  # reshuffled every epoch
-    first = [[i for b in r for i in b] for r in seen[0, 0]]
-    assert any(i < 8 for i in first[0]) and any(i < 8 for i in first[1])  # no shard per rank
+        rows = [i for r in ranks for b in r for i in b]
+        assert len(rows) == len(set(rows)) == world * (per_rows // batch) * batch
+        assert set(rows) <= set(range(2, 52))  # never the held-out head
+        seen[epoch] = ranks
+    assert seen[0] != seen[1]  # reshuffled every epoch
+    assert epoch_batches(rank_loader(dm, 1, world), 1) == seen[1][1]  # a pure function
+    left_out = [set(range(2, 52)) - {i for r in seen[e] for b in r for i in b} for e in (0, 1)]
+    if 50 % (world * batch):  # the rows left out differ from epoch to epoch
+        assert left_out[0] and left_out[0] != left_out[1]
+
+
+def test_four_shards_two_workers_two_ranks_every_row_once(tmp_path, hf_offline):
+    """The case of `datasets` 5.x's reported regression (a shuffled stream of < 20 files
+    made one shard, so that only loader worker 0 had data): the row groups are split here,
+    not by `datasets`, and every row of every shard is read exactly once per epoch, by
+    each of the four readers its own part."""
+    files = []
+    for k in range(4):
+        path = tmp_path / f"part{k}.parquet"
+        write_parquet(path, range(16 * k, 16 * k + 16))
+        files.append(str(path))
+    split = {"train": files, "validation": files[:1]}
+    dm = stream_dm(
+        files,
+        data_files=split,
+        val_split="validation",
+        test_split="validation",
+        batch_size=4,
+        num_workers=2,
+    )
+    for epoch in (0, 1):
+        ranks = [epoch_batches(rank_loader(dm, rank, 2), epoch) for rank in range(2)]
+        assert [len(r) for r in ranks] == [8, 8]  # 32 rows a rank, batches of 4
+        assert sorted(i for r in ranks for b in r for i in b) == list(range(64))
+
+
+class CountingFile:
+    """A file whose reads add to a counter shared with forked loader workers."""
+
+    def __init__(self, f, counter) -> None:
+        self.f, self.counter = f, counter
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        with self.counter.get_lock():
+            self.counter.value += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("world,workers,bound", [(1, 0, 1.1), (2, 2, 1.5)])
+def test_an_epoch_reads_the_shards_about_once(
+    tmp_path, hf_offline, monkeypatch, world, workers, bound
+):
+    """8 shards of 64 images (one row group each), the case that read 145x the shards'
+    bytes when every reader read the whole stream: one epoch now reads at most 1.1x (one
+    process) and 1.5x (2 ranks x 2 workers: 4 readers, 3 boundaries) of the shards."""
+    from PIL import Image
+
+    from data_helpers import png_bytes
+    from vitexp.data import parquet
+
+    files = []
+    rng = np.random.default_rng(0)
+    for k in range(8):  # noise images: the data, not the footers, make up the bytes
+        path = tmp_path / f"train-{k}.parquet"
+        images = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)) for _ in range(64)]
+        write_parquet(path, range(64 * k, 64 * k + 64), images=[png_bytes(i) for i in images])
+        files.append(str(path))
+    total = sum(os.path.getsize(f) for f in files)
+    held = dict(val_size=1)  # 2 rows held out (val, test): the readers' parts straddle groups
+    dm = stream_dm(files, batch_size=4, **held)
+    dm.cfg.num_workers = workers
+    counter = multiprocessing.Value("q", 0)
+    opened = parquet._open
+    monkeypatch.setattr(parquet, "_open", lambda path: CountingFile(opened(path), counter))
+    rows = 0
+    for rank in range(world):
+        rows += sum(len(y) for _, y in rank_loader(dm, rank, world))
+    assert rows == world * (510 // world // 4 * 4)  # whole batches of the 510 rows
+    factor = counter.value / total
+    assert 0.9 < factor <= bound, factor
+    line = stream_dm(files, batch_size=4, **held)
+    line.cfg.num_workers = workers
+    line.trainer = fake_trainer(0, world)
+    described = line.train_dataloader().dataset.stream.describe(max(1, workers))
+    assert f"{max(1, workers)} readers per rank read" in described
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -122,25 +207,6 @@ def test_resume_is_exact_and_decodes_only_the_rows_it_yields(
         assert resumed.state_dict()["batches"] == 6
 
 
-def test_workers_starting_together_see_the_same_epoch(tmp_path, hf_offline, monkeypatch):
-    """HF's `IterableDataset.set_epoch` is a read-modify-write of one tensor shared by all
-    loader workers; slowed down here so that workers starting together race, as they did
-    under load in CI (one worker shuffled for epoch 9 instead of 3). The stream must not
-    depend on that shared state."""
-    import datasets
-
-    def slow_set_epoch(self, epoch):
-        step = epoch - int(self._epoch)
-        time.sleep(0.3)
-        self._epoch += step
-
-    monkeypatch.setattr(datasets.IterableDataset, "set_epoch", slow_set_epoch)
-    files = shards(tmp_path)
-    single = epoch_batches(rank_loader(stream_dm(files, batch_size=4), 1, 2), 3)
-    parallel = epoch_batches(rank_loader(stream_dm(files, batch_size=4, num_workers=3), 1, 2), 3)
-    assert parallel == single
-
-
 def test_integer_label_column(tmp_path, hf_offline):
     dm = stream_dm(shards(tmp_path, labels=lambda i: i % 3), batch_size=5)
     assert dm.class_names == ["0", "1", "2"]
@@ -162,7 +228,14 @@ def test_integer_label_column(tmp_path, hf_offline):
 def test_streamed_eval_split_gives_every_row_once(tmp_path, hf_offline):
     files = shards(tmp_path)
     split = {"train": files, "validation": [files[1]]}
-    dm = stream_dm(files, data_files=split, val_split="validation", batch_size=4, num_workers=2)
+    dm = stream_dm(
+        files,
+        data_files=split,
+        val_split="validation",
+        test_split="validation",
+        batch_size=4,
+        num_workers=2,
+    )
     rows = []
     for rank in range(3):  # 44 rows: 15, 15 and 14, none padded
         dm.trainer = fake_trainer(rank, 3)
@@ -173,8 +246,8 @@ def test_streamed_eval_split_gives_every_row_once(tmp_path, hf_offline):
 
 def test_a_stream_too_small_for_one_batch_per_rank_says_so(tmp_path, hf_offline):
     dm = stream_dm(shards(tmp_path), batch_size=32)  # 50 rows: 25 per rank
-    with pytest.raises(DataError, match=r"fewer rows than data.batch_size x devices = 32 x 2"):
-        list(rank_loader(dm, 0, 2))
+    with pytest.raises(DataError, match=r"^data.batch_size=32 is larger than the 25 train"):
+        rank_loader(dm, 0, 2)
 
 
 # --- SIGTERM while blocked in a collective -------------------------------------------------
@@ -282,8 +355,8 @@ def test_ddp_run_over_unequal_shards_finishes_every_epoch(tmp_path, hf_offline):
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.max_epochs=2",
-        "trainer.max_steps=1000",  # the schedule's length only: the 2 epochs end the run
+        "trainer.max_epochs=2",  # a stream has a length (its footers count the rows)
+        "trainer.max_steps=-1",
         "trainer.progress_bar=false",
         "trainer.ddp_timeout_s=60",
         "schedule.warmup_steps=2",
@@ -300,4 +373,5 @@ def test_ddp_run_over_unequal_shards_finishes_every_epoch(tmp_path, hf_offline):
     assert result.returncode == 0, out[-3000:]
     res = json.loads((run_dir / "results.json").read_text())
     assert res["world_size"] == 2 and res["epochs"] == 2 and res["steps"] == 12, res
-    assert "rows interleaved across 2 ranks (row i -> rank i % 2)" in out
+    log = (run_dir / "train.log").read_text()
+    assert "each of 2 ranks takes 6 batches of 4 per epoch" in log

@@ -104,7 +104,7 @@ class DataConfig:
     val_split: str | None = None
     test_split: str | None = "test"
     val_size: int = 1000  # hf streaming: examples taken from the head of train for validation
-    shuffle_buffer: int = 10_000  # hf streaming
+    shuffle_buffer: int = 10_000  # hf streaming: rows each loader worker shuffles among
     on_corrupt: str = "error"  # skip | error: what an unreadable image does
     # a fixed subset of the training split (after the val/test holdout): null = all of it,
     # an int = that many images, a float in (0, 1] = that fraction; class-balanced and nested

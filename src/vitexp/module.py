@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = 4  # 2: the model's family, config and class count (models.f
 # 3: the hybrid stem pads "SAME", as the paper's JAX code (models.hybrid);
 # 4: the hybrid's projection is stored once, as patch_embed.proj (older: also .embed.proj)
 NO_SCHEDULE_END = (
-    "trainer.max_steps is not set and the data has no length (streaming): "
+    "trainer.max_steps is not set and the train loader has no length: "
     "set trainer.max_steps to give the schedule its end"
 )
 
@@ -260,7 +260,7 @@ class ViTModule(L.LightningModule):
         optimizer = build_optimizer(self.parameter_groups(), self.optim_cfg)
         s = self.schedule_cfg
         total_steps = self.trainer.estimated_stepping_batches
-        if math.isinf(total_steps) or total_steps < 1:  # Lightning gives -1 for some streams
+        if math.isinf(total_steps) or total_steps < 1:  # -1: a loader without a length
             raise ConfigError(NO_SCHEDULE_END)
         schedule = partial(
             lr_lambda,

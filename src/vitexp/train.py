@@ -200,23 +200,18 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
 
 
 def check_data(c: TrainConfig, data: Any) -> None:
-    """Read the data's splits and check it against the run: batch size per device, a known
-    end of the schedule (a stream has no length), a validation interval within an epoch."""
-    from vitexp.module import NO_SCHEDULE_END
-
+    """Read the data's splits and check it against the run: batch size per device, a
+    validation interval within an epoch."""
     data.setup("fit")
     t = c.trainer
     devices = (t.devices if type(t.devices) is int and t.devices > 0 else 1) * t.num_nodes
     data.check_batch_size(devices)
     batches = data.batches_per_epoch(devices)
-    if batches is None and t.max_steps < 1:
-        raise ConfigError(NO_SCHEDULE_END)
     v = t.val_check_interval
     if (  # Lightning refuses an interval longer than an epoch when it counts within epochs
         isinstance(v, int)
         and not isinstance(v, bool)
         and t.check_val_every_n_epoch is not None
-        and batches is not None
         and t.limit_train_batches is None
         and v > batches
     ):

@@ -16,14 +16,15 @@ map-style splits keep a class-balanced subset (`sources.subset_order`: each clas
 number of images as far as its size allows, seeded by data.subset_seed alone, so every
 model and training seed sees the same images, and a smaller subset is part of every larger
 one); a stream keeps its first N rows after the held-out head, read again every epoch
-(`hf.StreamSplit.first_rows`). `train_images` is the resulting count.
+(`parquet.ParquetStream.rows`). `train_images` is the resulting count.
 
 Training order is a permutation that depends only on (seed, epoch), sharded by rank, and
 each sample's augmentation is seeded by (seed, epoch, index): results do not depend on the
 number of workers, and the train loader saves how far into the epoch it got, so a run
 resumed mid-epoch from a checkpoint sees exactly the batches the killed run would have.
-A streamed train split (`hf.StreamSplit`) does the same with rows interleaved across ranks,
-every rank getting the same number of whole batches.
+A streamed train split (`parquet.ParquetStream`) gives each (rank, loader worker) its own
+row groups, every rank the same number of whole batches, and resumes as exactly; its
+batches depend on the world size and the number of loader workers as well.
 A corrupt image skipped under data.on_corrupt=skip leaves its batch one short; a batch with
 nothing left is (0, 3, H, W) images and (0,) labels.
 """
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from vitexp.config import SOURCES, DataConfig, check_subset
 from vitexp.data import hf, images, sources
+from vitexp.data.parquet import ParquetStream
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
 
@@ -107,15 +109,20 @@ class ImageDataModule(L.LightningDataModule):
         if cfg.subset is None:
             return splits
         check_subset(cfg, "data", DataError)  # also a DataConfig that validate() never saw
-        if isinstance(train, hf.StreamSplit):
-            head = train.exclude.count if train.exclude is not None else 0
+        if isinstance(train, ParquetStream):
+            if cfg.subset > train.num_rows:
+                raise DataError(
+                    f"data.subset={cfg.subset} is more than the {train.num_rows} training rows "
+                    f"of {train.name} (after the held-out head); lower data.subset"
+                )
+            head = train.lo
             where = f"after its {head} held-out head rows" if head else "from its first row"
             self._subset_note = (
                 f"data.subset={cfg.subset}: the first {cfg.subset} rows of the unshuffled "
                 f"stream {train.name} {where}, the same rows every epoch, shuffled among "
                 "themselves (data.subset_seed does not apply to a stream)"
             )
-            return replace(splits, train=train.first_rows(cfg.subset))
+            return replace(splits, train=train.rows(head, head + cfg.subset))
         total = len(train)
         size = cfg.subset if type(cfg.subset) is int else max(1, round(cfg.subset * total))
         if size > total:
@@ -131,12 +138,10 @@ class ImageDataModule(L.LightningDataModule):
         return replace(splits, train=sources.SubsetSplit(train, kept))
 
     @property
-    def train_images(self) -> int | None:
-        """Training images after data.subset (None: a stream without a subset)."""
+    def train_images(self) -> int:
+        """Training images after data.subset (a stream: its rows, counted in the footers)."""
         train = self._build().train
-        if isinstance(train, hf.StreamSplit):
-            return train.limit
-        return len(train)
+        return train.num_rows if isinstance(train, ParquetStream) else len(train)
 
     def _load(self) -> sources.Splits:
         cfg, source = self.cfg, self.cfg.source
@@ -167,20 +172,19 @@ class ImageDataModule(L.LightningDataModule):
         """Where the data comes from, as errors name it."""
         return self._build().origin
 
-    def batches_per_epoch(self, world_size: int) -> int | None:
-        """Training batches per epoch on each of `world_size` processes (None: streamed)."""
+    def batches_per_epoch(self, world_size: int) -> int:
+        """Training batches per epoch on each of `world_size` processes."""
         train = self._build().train
-        if isinstance(train, IterableDataset):
-            return None
+        if isinstance(train, ParquetStream):
+            return train.batches_per_rank(world_size, self.cfg.batch_size)
         return math.ceil(len(train) / world_size) // self.cfg.batch_size
 
     def check_batch_size(self, world_size: int) -> None:
-        """One whole batch per device at least (the last partial batch is dropped); a stream
-        only when data.subset gives its length (a rank gets whole rounds of rows)."""
+        """One whole batch per device at least (the last partial batch is dropped; a stream
+        gives each rank an equal share of its rows)."""
         train = self._build().train
-        if isinstance(train, hf.StreamSplit):
-            if (n := train.limit) is None:
-                return
+        if isinstance(train, ParquetStream):
+            n = train.num_rows
             per_device = n // world_size
         else:
             n = len(train)
@@ -258,13 +262,17 @@ class ImageDataModule(L.LightningDataModule):
             self._subset_note = None
         kw = self._loader_kwargs()
         transform = self._transform(train=True)
-        if isinstance(ds, hf.StreamSplit):
+        if isinstance(ds, ParquetStream):
             self.check_batch_size(world)
-            stream = TransformedStream(ds.configure(rank, world, self.seed), transform)
+            stream = ds.configure(rank, world, self.seed)
+            stream.start_at(0, 0, self.cfg.batch_size)
+            if rank == 0:
+                log.info("%s", stream.describe(max(1, self.cfg.num_workers)))
             # the stream makes whole batches itself (start_at tells it batch_size), the same
             # number on every rank; workers keep their copy of the dataset: persistent ones
             # would miss set_epoch
-            return TrainLoader(stream, world, drop_last=True, persistent_workers=False, **kw)
+            train = TrainStream(stream, transform)
+            return TrainLoader(train, world, drop_last=True, persistent_workers=False, **kw)
         sampler = EpochSampler(len(ds), self.seed, rank, world)
         self.check_batch_size(world)
         return TrainLoader(
@@ -286,7 +294,7 @@ class ImageDataModule(L.LightningDataModule):
         ds = self._split(split)
         rank, world = self._rank()
         transform = self._transform(train=False)
-        if isinstance(ds, hf.StreamSplit):
+        if isinstance(ds, ParquetStream):
             data: Dataset = TransformedStream(ds.configure(rank, world, None), transform)
             return Loader(data, **self._loader_kwargs())
         if len(ds) == 0:
@@ -347,9 +355,10 @@ class Transformed(Dataset):
 
 
 class TransformedStream(IterableDataset):
-    """A StreamSplit with a transform seeded per sample."""
+    """A ParquetStream with a transform seeded per sample (evaluation: no length, so that
+    Lightning reads every worker's last, partial batch)."""
 
-    def __init__(self, stream: hf.StreamSplit, transform) -> None:
+    def __init__(self, stream: ParquetStream, transform) -> None:
         self.stream, self.transform = stream, transform
 
     @property
@@ -365,6 +374,13 @@ class TransformedStream(IterableDataset):
     def __iter__(self):
         for img, label, seed in self.stream:
             yield _apply(self.transform, (img, label), seed)
+
+
+class TrainStream(TransformedStream):
+    """The training stream, whose length (whole batches per rank) the loader reports."""
+
+    def __len__(self) -> int:
+        return len(self.stream)
 
 
 class Collate:
@@ -490,17 +506,23 @@ class TrainLoader(Loader):
             "batches": self._consumed,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "num_workers": self.num_workers,
         }
 
+    def _layout(self, state: dict[str, int]) -> tuple:
+        """What the batches of an epoch depend on besides (seed, epoch): the batch size and
+        device count, and for a stream (its readers are the workers) the worker count."""
+        stream = isinstance(self.dataset, IterableDataset)
+        workers = state.get("num_workers", self.num_workers) if stream else None
+        return state.get("batch_size"), state.get("world_size"), workers
+
     def load_state_dict(self, state: dict[str, int]) -> None:
-        same = (state.get("batch_size"), state.get("world_size")) == (
-            self.batch_size,
-            self.world_size,
-        )
+        same = self._layout(state) == self._layout(self.state_dict())
         if not same:
             warnings.warn(
-                "the checkpoint's train loader had another batch size or device count; the "
-                "resumed epoch starts again from its first batch",
+                "the checkpoint's train loader had another batch size, device count or (for "
+                "streamed data) loader worker count; the resumed epoch starts again from its "
+                "first batch",
                 stacklevel=2,
             )
         self._driver.set_epoch(state["epoch"])
