@@ -142,10 +142,14 @@ def test_gpu_check_cpu_half_verifies_every_switch(gpu_check):
         "fine-tune at 48 px from the compiled checkpoint",
         "DDP step on 2 processes",
         "training-step throughput",
+        "loader or step",
     }
     assert checks["resume from last"]["facts"] == {"resumed_at_step": 16, "steps": 20}
     assert checks["DDP step on 2 processes"]["facts"]["backend"] == "gloo"
     assert checks["training-step throughput"]["facts"]["images_per_s"] > 0
+    bottleneck = checks["loader or step"]["facts"]  # generated JPEGs, the debug model
+    assert bottleneck["bottleneck"] in ("loader", "step") and bottleneck["decode"] == "cpu"
+    assert bottleneck["step_images_per_s"] > 0 and bottleneck["loader_images_per_s"] > 0
     assert len(checks["pretrain"]["facts"]["figures"]) == 4
     results = json.loads((runs / "pretrain" / "results.json").read_text())
     assert results["steps"] == 20 and results["global_batch_size"] == 64

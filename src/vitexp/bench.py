@@ -370,8 +370,6 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
     from vitexp.config import CONFIG_DIR, register_configs, validate
-    from vitexp.module import ViTModule
-    from vitexp.trainer import build_trainer, speed_switches
 
     trainer_group = "gpu" if setup.device == "cuda" else "cpu"
     overrides = [
@@ -394,25 +392,42 @@ def lightning_step(case: Case, setup: Setup, steps: int) -> dict[str, float]:
     register_configs()  # the model= choices (vitexp.train does it on import)
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         c = validate(compose("train", overrides=overrides))
-    net = build_model(c.model, case.num_classes)
-    module = ViTModule(net, c.optim, c.schedule, c.loss, compile=speed_switches(c.trainer)[1])
-    timer = StepTimer(setup.warmup)
+    times = step_times(c, case.num_classes, setup.warmup, steps)
+    return {"images_per_s": case.batch * len(times) / sum(times), "steps": steps}
+
+
+def step_times(c: Any, num_classes: int, warmup: int, steps: int) -> list[float]:
+    """Seconds of each training step of a composed and validated `vitexp.train` config `c`
+    (its model, optimizer, trainer: precision, compile, callbacks; MixUp / CutMix when it
+    has them) on one in-memory batch of data.batch_size images, so that only the step is
+    timed; c.trainer.max_steps must be warmup + steps."""
+    from vitexp.data.transforms import BatchMix
+    from vitexp.module import ViTModule
+    from vitexp.trainer import build_trainer, speed_switches
+
+    net = build_model(c.model, num_classes)
+    mix = BatchMix.from_config(c.data.augment, num_classes)
+    compiled = speed_switches(c.trainer)[1]
+    module = ViTModule(net, c.optim, c.schedule, c.loss, compile=compiled, batch_mix=mix)
+    timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as run_dir, _quiet_lightning():
         trainer = build_trainer(c, Path(run_dir))  # says the devices, tips, SLURM hints
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelSummary)]
         trainer.callbacks.append(timer)
-        batches = DataLoader(SameBatch(case, setup.warmup + steps), batch_size=None)
-        trainer.fit(module, train_dataloaders=batches)
-    return {"images_per_s": case.batch * len(timer.times) / sum(timer.times), "steps": steps}
+        size = c.model.img_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        same = SameBatch(c.data.batch_size, size, num_classes, warmup + steps)
+        trainer.fit(module, train_dataloaders=DataLoader(same, batch_size=None))
+    return timer.times
 
 
 class SameBatch(Dataset):
     """`n` copies of one random batch: the loader costs nothing, only the step is timed."""
 
-    def __init__(self, case: Case, n: int) -> None:
+    def __init__(self, batch: int, img_size: tuple[int, int], num_classes: int, n: int) -> None:
         g = torch.Generator().manual_seed(0)
-        self.images = torch.randn(case.batch, 3, case.img_size, case.img_size, generator=g)
-        self.labels = torch.randint(0, case.num_classes, (case.batch,), generator=g)
+        self.images = torch.randn(batch, 3, *img_size, generator=g)
+        self.labels = torch.randint(0, num_classes, (batch,), generator=g)
         self.n = n
 
     def __len__(self) -> int:

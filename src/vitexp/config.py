@@ -36,6 +36,7 @@ LOSSES = ("softmax", "sigmoid")
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ON_CORRUPT = ("skip", "error")
+DECODES = ("cpu", "gpu")
 PRETRAINED_WEIGHTS = ("averaged", "raw")
 FSDP_STATE_DICTS = ("full", "sharded")
 
@@ -106,6 +107,9 @@ class DataConfig:
     val_size: int = 1000  # hf streaming: examples taken from the head of train for validation
     shuffle_buffer: int = 10_000  # hf streaming: rows each loader worker shuffles among
     on_corrupt: str = "error"  # skip | error: what an unreadable image does
+    # cpu: loader workers decode and augment; gpu: workers send JPEG bytes and the device
+    # decodes (nvjpeg), crops, flips, augments and normalises (vitexp.data.gpu_decode)
+    decode: str = "cpu"
     # a fixed subset of the training split (after the val/test holdout): null = all of it,
     # an int = that many images, a float in (0, 1] = that fraction; class-balanced and nested
     # (a smaller subset is part of a larger one with the same subset_seed); a stream: its
@@ -385,6 +389,7 @@ def validate_fewshot(f: FewshotConfig, key: str = "fewshot.data", report: bool =
 def _validate_data(d: DataConfig, key: str = "data") -> None:
     _one_of(f"{key}.source", d.source, SOURCES)
     _one_of(f"{key}.on_corrupt", d.on_corrupt, ON_CORRUPT)
+    _one_of(f"{key}.decode", d.decode, DECODES)
     if d.num_classes is not None and d.num_classes < 2:
         raise ConfigError(f"{key}.num_classes={d.num_classes} must be >= 2")
     _positive(f"{key}.batch_size", d.batch_size)

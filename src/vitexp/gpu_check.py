@@ -8,6 +8,9 @@ A few minutes of real `vitexp.train` runs with the GPU presets' switches, each c
     3. fine-tune from that checkpoint at a new resolution (a recompile), fused SGD
     4. DDP: two processes (NCCL on 2+ GPUs; without GPUs, gloo on the CPU)
     5. throughput of `vitexp.train`'s own training step (img/s; MFU on a known GPU)
+    6. loader or step: which one is the bottleneck of the run that the given overrides
+       describe (`python -m vitexp.gpu_check data=imagenet1k data.root=...`; without any,
+       JPEGs it writes), decode=cpu and on a GPU decode=gpu (vitexp.loader_check)
 
 On a machine without a GPU it runs the same checks on the CPU (its "CPU half": bf16 and
 compile exist there too), which is what CI runs. Prints one line per check and writes
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +178,16 @@ def check_throughput(gpu: bool) -> dict[str, Any]:
     return {"case": case.name, "device": name, "images_per_s": round(ips, 1), "mfu": mfu}
 
 
-def run_checks(work: Path, gpu: bool, n_gpus: int, log=print) -> list[Check]:
+def check_bottleneck(overrides: list[str], gpu: bool) -> dict[str, Any]:
+    """The run's loader against its step (vitexp.loader_check)."""
+    from vitexp.loader_check import check
+
+    return check(overrides, gpu)
+
+
+def run_checks(
+    work: Path, gpu: bool, n_gpus: int, log=print, overrides: list[str] | None = None
+) -> list[Check]:
     plan = [
         ("pretrain: bf16 + compile + fused AdamW + clipping + accumulation", check_pretrain),
         ("resume from last (compiled, bf16)", check_resume),
@@ -188,6 +201,8 @@ def run_checks(work: Path, gpu: bool, n_gpus: int, log=print) -> list[Check]:
         if not checks[-1].ok and fn is check_pretrain:
             break  # the others start from its checkpoint
     checks.append(_timed("training-step throughput", lambda: check_throughput(gpu), log))
+    bottleneck = partial(check_bottleneck, overrides or [], gpu)
+    checks.append(_timed("loader or step: the bottleneck", bottleneck, log))
     return checks
 
 
@@ -205,6 +220,8 @@ def _timed(name: str, fn, log) -> Check:
 
 
 def _describe(facts: dict[str, Any]) -> str:
+    if "line" in facts:
+        return facts["line"]
     shown = []
     for key, value in facts.items():
         if isinstance(value, float):
@@ -219,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitexp.gpu_check", description=__doc__)
     parser.add_argument("--out", default="outputs/gpu_check.json", help="report file")
     parser.add_argument("--keep", help="keep the runs in this directory (default: deleted)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="vitexp.train overrides of the run whose loader and step are compared "
+        "(e.g. +experiment=... data.root=...); default: generated JPEGs",
+    )
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     n_gpus = torch.cuda.device_count() if gpu else 0
@@ -232,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores", flush=True)
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
-        checks = run_checks(Path(args.keep).resolve(), gpu, n_gpus)
+        checks = run_checks(Path(args.keep).resolve(), gpu, n_gpus, overrides=args.overrides)
     else:
         with tempfile.TemporaryDirectory(prefix="vitexp-gpu-check-") as tmp:
-            checks = run_checks(Path(tmp), gpu, n_gpus)
+            checks = run_checks(Path(tmp), gpu, n_gpus, overrides=args.overrides)
     report = {
         "gpu": gpu,
         "gpus": n_gpus,

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from vitexp.config import SOURCES, DataConfig, check_subset
-from vitexp.data import hf, images, sources
+from vitexp.data import gpu_decode, hf, images, sources
 from vitexp.data.parquet import ParquetStream
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
@@ -78,6 +78,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self._splits: sources.Splits | None = None
         self._subset_note: str | None = None  # the line logged when a subset is used
+        self._device_stage: gpu_decode.DeviceStage | None = None  # data.decode=gpu
 
     # --- splits ----------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -151,12 +152,19 @@ class ImageDataModule(L.LightningDataModule):
             return sources.load_shapes(cfg, self.img_size)
         if source == "torchvision":
             return sources.load_torchvision(cfg)
-        decoder = images.ImageDecoder(cfg.on_corrupt, self._decode_size())
+        decoder = self._decoder()
         if source == "imagefolder":
             return sources.load_imagefolder(cfg, decoder)
         if source == "hf":
             return hf.load_hf(cfg, decoder)
         raise DataError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
+
+    def _decoder(self) -> images.ImageDecoder:
+        """What every source that reads encoded images decodes them with, `decoder(value,
+        name)`: PIL in the loader workers (data.decode=cpu), or JPEGs left encoded for the
+        device (data.decode=gpu: vitexp.data.gpu_decode)."""
+        cls = gpu_decode.DeferredDecoder if self.cfg.decode == "gpu" else images.ImageDecoder
+        return cls(self.cfg.on_corrupt, self._decode_size())
 
     def _decode_size(self) -> int:
         """The smallest shorter side a decoded image needs: enough for the eval resize and
@@ -230,10 +238,34 @@ class ImageDataModule(L.LightningDataModule):
                 f"the {split} split of {self._build().origin} is streamed (data.streaming=true), "
                 "so it has no random access; use a non-streaming split for few-shot evaluation"
             )
+        if self.cfg.decode == "gpu":  # PIL images, as with decode=cpu
+            return gpu_decode.Decoded(ds, self.cfg.on_corrupt, self._decode_size())
         return ds
 
     def _transform(self, train: bool):
         return build_transforms(self.cfg.augment, self.img_size, self.mean, self.std, train)
+
+    def _loader_transform(self, train: bool):
+        """The loaders' per-sample transform; with data.decode=gpu it only draws the random
+        choices, and `on_after_batch_transfer` makes the pixels on the device."""
+        if self.cfg.decode == "gpu":
+            return gpu_decode.DeviceTransform(self._transform(train), train)
+        return self._transform(train)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """data.decode=gpu: decode, crop, flip and normalise the batch on its device (before
+        the module sees it, so MixUp / CutMix still come after)."""
+        if isinstance(batch, gpu_decode.PendingBatch):
+            return self.device_stage(batch)
+        return batch
+
+    @property
+    def device_stage(self) -> gpu_decode.DeviceStage:
+        if self._device_stage is None:
+            pipelines = (self._transform(train=True), self._transform(train=False))
+            args = (self.img_size, self.mean, self.std, self.cfg.on_corrupt)
+            self._device_stage = gpu_decode.DeviceStage(*pipelines, *args)
+        return self._device_stage
 
     # --- loaders ---------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
@@ -243,11 +275,12 @@ class ImageDataModule(L.LightningDataModule):
     def _loader_kwargs(self) -> dict[str, Any]:
         t = self.trainer
         cuda = t is not None and t.strategy.root_device.type == "cuda"
+        gpu_decoding = self.cfg.decode == "gpu"
         return dict(
             batch_size=self.cfg.batch_size,
             num_workers=self.cfg.num_workers,
             pin_memory=cuda,
-            collate_fn=Collate(self.img_size),
+            collate_fn=gpu_decode.PendingCollate() if gpu_decoding else Collate(self.img_size),
             worker_init_fn=_init_worker,
             # the loader's worker seeds come from its own generator, not the global RNG: a
             # resumed run then draws the same dropout masks as an uninterrupted one
@@ -261,7 +294,7 @@ class ImageDataModule(L.LightningDataModule):
             log.info("%s", self._subset_note)
             self._subset_note = None
         kw = self._loader_kwargs()
-        transform = self._transform(train=True)
+        transform = self._loader_transform(train=True)
         if isinstance(ds, ParquetStream):
             self.check_batch_size(world)
             stream = ds.configure(rank, world, self.seed)
@@ -293,7 +326,7 @@ class ImageDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._split(split)
         rank, world = self._rank()
-        transform = self._transform(train=False)
+        transform = self._loader_transform(train=False)
         if isinstance(ds, ParquetStream):
             data: Dataset = TransformedStream(ds.configure(rank, world, None), transform)
             return Loader(data, **self._loader_kwargs())
