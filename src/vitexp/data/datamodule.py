@@ -10,6 +10,7 @@ Splits per source (`data.source`; held-out fractions are seeded by data.seed, st
   hf           data.train_split / val_split / test_split, fractions where a split is null;
                streaming: a null val (test) split is the first (next) val_size rows of
                train, held in memory, which the train stream drops
+  litdata      a pack's train/ val/ test/ (python -m vitexp.pack; vitexp.data.litdata)
 
 `data.subset` then keeps a fixed part of the train split only (val and test never change):
 map-style splits keep a class-balanced subset (`sources.subset_order`: each class the same
@@ -35,6 +36,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -44,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from vitexp.config import SOURCES, DataConfig, check_subset
 from vitexp.data import hf, images, sources
+from vitexp.data import litdata as packs
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
 
@@ -151,6 +154,8 @@ class ImageDataModule(L.LightningDataModule):
             return sources.load_imagefolder(cfg, decoder)
         if source == "hf":
             return hf.load_hf(cfg, decoder)
+        if source == "litdata":
+            return packs.load_litdata(cfg, decoder)
         raise DataError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
 
     def _decode_size(self) -> int:
@@ -172,6 +177,8 @@ class ImageDataModule(L.LightningDataModule):
         train = self._build().train
         if isinstance(train, IterableDataset):
             return None
+        if isinstance(train, packs.PackedSplit):  # litdata deals whole batches, evenly
+            return train.batches_per_rank(world_size, self.cfg.batch_size)
         return math.ceil(len(train) / world_size) // self.cfg.batch_size
 
     def check_batch_size(self, world_size: int) -> None:
@@ -181,6 +188,9 @@ class ImageDataModule(L.LightningDataModule):
         if isinstance(train, hf.StreamSplit):
             if (n := train.limit) is None:
                 return
+            per_device = n // world_size
+        elif isinstance(train, packs.PackedSplit):  # whole batches on every rank
+            n = len(train)
             per_device = n // world_size
         else:
             n = len(train)
@@ -258,6 +268,11 @@ class ImageDataModule(L.LightningDataModule):
             self._subset_note = None
         kw = self._loader_kwargs()
         transform = self._transform(train=True)
+        if isinstance(ds, packs.PackedSplit):
+            self.check_batch_size(world)
+            nodes = getattr(self.trainer, "num_nodes", 1)
+            apply = partial(_apply, transform)
+            return packs.train_loader(ds, rank, world, nodes, self.seed, apply, **kw)
         if isinstance(ds, hf.StreamSplit):
             self.check_batch_size(world)
             stream = TransformedStream(ds.configure(rank, world, self.seed), transform)
