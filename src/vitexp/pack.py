@@ -213,9 +213,11 @@ class SplitWriter:
             self.writer.save_checkpoint(str(self.state))
 
     def finish(self, labels: np.ndarray) -> None:
+        """The last chunk, labels.npy, then index.json (renamed into place): a split with an
+        index.json is complete."""
         self.writer.done()
-        self.writer.merge()
         np.save(self.folder / "labels.npy", labels.astype(np.int32))
+        self.writer.merge()
 
 
 def _resume_position(plan: Plan, done: list[int], totals: list[int]) -> int | None:

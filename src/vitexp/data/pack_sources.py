@@ -287,7 +287,7 @@ def _parquet_pool(files: list[Path], opt: Options) -> Pool:
     where = [s for s, n in label_split for _ in range(n)]
     class_names, y = _label_ids(flat, names, where)
     pack_split = np.array([SPLITS.index(s) for s in where], dtype=np.int8)
-    present = {s for s in named if s} or {"train"}
+    present = {s for _, s in kept if s} or {"train"}
     pack_split, origins = _assign(pack_split, y, present, opt, "files")
     col = opt.image_column
 
