@@ -105,7 +105,9 @@ def test_equal_whole_batches_on_every_rank_and_every_row_once_per_epoch(packed, 
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_gives_exactly_the_rest_of_the_epoch(packed, monkeypatch, workers):
+def test_resume_mid_epoch_gives_exactly_the_rest_of_the_epoch(
+    packed, monkeypatch, tmp_path, workers
+):
     root, _ = packed
     module = dm(root, batch_size=4, num_workers=workers)
     full = epoch_batches(rank_loader(module, 1, 2, monkeypatch), 3)
@@ -122,6 +124,17 @@ def test_resume_mid_epoch_gives_exactly_the_rest_of_the_epoch(packed, monkeypatc
         resumed.sampler.set_epoch(3)  # Lightning sets the restored epoch again
         assert [pixel_ids(x) for x, _ in resumed] == full[k:]
         assert epoch_batches(resumed, 4) == epoch_batches(rank_loader(module, 1, 2), 4)
+    # the same pack elsewhere (a requeued job's copy on local scratch) resumes; another not
+    moved = dm(_copy(root, tmp_path), batch_size=4, num_workers=workers)
+    resumed = rank_loader(moved, 1, 2, monkeypatch)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(3)
+    assert [pixel_ids(x) for x, _ in resumed] == full[7:]
+    other = tmp_path / "other"
+    write_folder(other / "src", {"a": 20, "b": 20})
+    pack(PackCommandConfig(src=str(other / "src"), out=str(other / "pack"), progress=False))
+    with pytest.raises(DataError, match="read another pack than data.root=.*other/pack"):
+        rank_loader(dm(other / "pack", batch_size=4), 1, 2, monkeypatch).load_state_dict(state)
 
 
 def _saved(state: dict):

@@ -92,6 +92,18 @@ def _names(split, root: Path) -> list[str]:
     return [str(Path(p).relative_to(root)) for p in _files(split)[0]]
 
 
+@pytest.mark.timeout(120)  # the failure it guards against is a hang
+def test_a_pack_run_inside_a_distributed_job_writes_as_one_process(tmp_path, monkeypatch):
+    """WORLD_SIZE / GLOBAL_RANK of the job it runs in (litdata's writer reads them) change
+    nothing: the writer would otherwise wait forever for the other ranks' indexes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("GLOBAL_RANK", "1")
+    write_folder(tmp_path / "src", {"a": 5, "b": 5})
+    run(tmp_path / "src", tmp_path / "pack")
+    names = sorted(p.name for p in (tmp_path / "pack" / "train").iterdir())
+    assert names[0].startswith("chunk-0-") and "index.json" in names
+
+
 def test_split_folders_keep_their_splits(tmp_path):
     src, out = tmp_path / "src", tmp_path / "pack"
     write_folder(src / "train", {"a": 8, "b": 8})

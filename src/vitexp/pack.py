@@ -185,9 +185,15 @@ class SplitWriter:
 
     def __init__(self, folder: Path, state: Path, chunk_bytes: int) -> None:
         from litdata.streaming.writer import BinaryWriter
+        from litdata.utilities.env import _DistributedEnv
 
         self.folder, self.state = folder, state
         self.writer = BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
+        # one process writes a pack: never a rank of the job it may run in (WORLD_SIZE,
+        # GLOBAL_RANK), whose writer would name its chunks after that rank and wait for
+        # the other ranks' indexes before writing index.json
+        self.writer._distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+        self.writer._rank = 0
         self.done = 0  # rows in saved chunks
 
     def resume(self) -> None:

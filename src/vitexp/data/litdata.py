@@ -117,6 +117,7 @@ class PackedSplit(Dataset):
         self.root, self.split, self.decoder, self.origin = root, split, decoder, origin
         self.dir = root / split
         self.hint = repack_hint(root, manifest)
+        self.fingerprint = manifest.get("fingerprint")
         self.chunks = _checked_chunks(self.dir, f"{origin}: {split}/", self.hint)
         self.starts = np.cumsum([0] + [c["chunk_size"] for c in self.chunks])
         try:
@@ -242,11 +243,28 @@ class TrainLoader(StreamingDataLoader):
     """litdata's loader, whose `state_dict` Lightning saves with each checkpoint and gives
     back before a resumed epoch (litdata then replays the consumed batches' positions
     without reading them). The epoch is Lightning's: its `set_epoch` reaches the loader
-    through `sampler`, and a fresh epoch starts from it (litdata counts from 1)."""
+    through `sampler`, and a fresh epoch starts from it (litdata counts from 1).
+
+    The state names the pack by its fingerprint rather than its path (litdata's own check):
+    a requeued job may find the same pack elsewhere (a copy on node-local scratch), but
+    another pack must not continue a half-finished epoch."""
 
     def __init__(self, dataset: TrainStream, **kwargs: Any) -> None:
         super().__init__(dataset, persistent_workers=False, **kwargs)  # workers see set_epoch
         object.__setattr__(self, "sampler", _EpochRelay())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pack": self.dataset.split.fingerprint}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        split = self.dataset.split
+        if obj.get("pack") != split.fingerprint:
+            raise DataError(
+                f"the checkpoint's train loader read another pack than {split.origin} (its "
+                "fingerprint differs); resume with the pack the run was trained on"
+            )
+        state = {**obj["dataset"], "input_dir_path": self.dataset.input_dir.path}
+        super().load_state_dict({**obj, "dataset": state})
 
     def __iter__(self):
         if not self.restore:  # not resuming mid-epoch: the epoch Lightning set
