@@ -260,18 +260,22 @@ def test_data_subset_is_refused_for_a_pack(packed):
     root, _ = packed
     with pytest.raises(DataError, match="data.subset=10 is not supported with data.source=litdata"):
         dm(root, subset=10)
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    from vitexp.config import TrainConfig
+    from vitexp.config import CONFIG_DIR, register_configs
 
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg.model = {"name": "vit_tiny_debug"}
-    c = OmegaConf.to_object(OmegaConf.merge(cfg, {"data": {"source": "litdata", "subset": 10}}))
-    with pytest.raises(ConfigError, match=r"data.subset=10 is not supported.*litdata"):
-        validate(c)
-    c.data.subset, c.data.root = None, None
-    with pytest.raises(ConfigError, match=r"data.root is not set; data.source=litdata"):
-        validate(c)
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for overrides, pattern in (
+            ([f"data.root={root}", "data.subset=10"], r"data.subset=10 is not supported.*litdata"),
+            ([], r"data.root is not set; data.source=litdata"),
+        ):
+            with pytest.raises(ConfigError, match=pattern):
+                validate(compose("train", overrides=["data=litdata", *overrides]))
+        assert validate(compose("train", overrides=["data=litdata", f"data.root={root}"]))
+    GlobalHydra.instance().clear()
 
 
 # --- a real DDP run, killed and resumed ---------------------------------------------------------
