@@ -186,6 +186,21 @@ def test_a_saved_hugging_face_dataset(tmp_path, hf_offline):
             assert data == images[i] and label == i % 2
 
 
+def test_hf_names_load_offline_or_say_they_are_not_cached(tmp_path, hf_offline):
+    """src=hf:NAME goes through datasets.load_dataset with the hub switched off (a local
+    folder of parquet files stands in for a cached hub dataset here)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_parquet(repo / "train-0.parquet", range(0, 20))
+    write_parquet(repo / "test-0.parquet", range(20, 26))
+    manifest = run(f"hf:{repo}", tmp_path / "pack")
+    assert manifest["source"] == "hf" and manifest["class_names"] == ["a", "b", "c"]
+    assert manifest["splits"]["test"]["images"] == 6
+    with pytest.raises(DataError, match=r"src=hf:nobody/nothing is not in the local Hugging"):
+        run("hf:nobody/nothing", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_an_interrupted_pack_finishes_on_a_rerun_as_if_never_stopped(tmp_path, monkeypatch, capsys):
     src = tmp_path / "src"
     write_folder(src, CLASSES)
