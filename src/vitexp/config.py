@@ -29,7 +29,7 @@ from vitexp.errors import ConfigError
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 STAGES = ("pretrain", "finetune")
-SOURCES = ("digits", "shapes", "torchvision", "imagefolder", "hf")
+SOURCES = ("digits", "shapes", "torchvision", "imagefolder", "hf", "litdata")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
 LOSSES = ("softmax", "sigmoid")
@@ -85,7 +85,7 @@ class ShapesConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"  # label used in results, reports and log keys
-    source: str = "digits"  # digits | shapes | torchvision | imagefolder | hf
+    source: str = "digits"  # digits | shapes | torchvision | imagefolder | hf | litdata
     dataset: str | None = None  # torchvision: CIFAR10 | CIFAR100; hf: hub name or builder
     root: str | None = None  # where the data lives on disk
     # hf: local files per split, e.g. {train: a.parquet}
@@ -411,7 +411,12 @@ def _validate_data(d: DataConfig, key: str = "data") -> None:
             f"{key}.dataset is not set; {key}.source={d.source} needs it "
             "(torchvision: CIFAR10 or CIFAR100; hf: a hub name or a builder such as parquet)"
         )
-    if d.source in ("torchvision", "imagefolder") and not d.root:
+    if d.source == "litdata" and d.subset is not None:
+        raise ConfigError(
+            f"{key}.subset={d.subset!r} is not supported with {key}.source=litdata; pack the "
+            "subset you want (python -m vitexp.pack) or use data=imagefolder / data=hf"
+        )
+    if d.source in ("torchvision", "imagefolder", "litdata") and not d.root:
         raise ConfigError(
             f"{key}.root is not set; {key}.source={d.source} reads the images from there "
             f"({key}.root=/path/to/data)"

@@ -10,6 +10,7 @@ Splits per source (`data.source`; held-out fractions are seeded by data.seed, st
   hf           data.train_split / val_split / test_split, fractions where a split is null;
                streaming: a null val (test) split is the first (next) val_size rows of
                train, held in memory, which the train stream drops
+  litdata      a pack's train/ val/ test/ (python -m vitexp.pack; vitexp.data.litdata)
 
 `data.subset` then keeps a fixed part of the train split only (val and test never change):
 map-style splits keep a class-balanced subset (`sources.subset_order`: each class the same
@@ -36,6 +37,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from vitexp.config import SOURCES, DataConfig, check_subset
 from vitexp.data import gpu_decode, hf, images, sources
+from vitexp.data import litdata as packs
 from vitexp.data.parquet import ParquetStream
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
@@ -157,6 +160,8 @@ class ImageDataModule(L.LightningDataModule):
             return sources.load_imagefolder(cfg, decoder)
         if source == "hf":
             return hf.load_hf(cfg, decoder)
+        if source == "litdata":
+            return packs.load_litdata(cfg, decoder)
         raise DataError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
 
     def _decoder(self) -> images.ImageDecoder:
@@ -183,7 +188,7 @@ class ImageDataModule(L.LightningDataModule):
     def batches_per_epoch(self, world_size: int) -> int:
         """Training batches per epoch on each of `world_size` processes."""
         train = self._build().train
-        if isinstance(train, ParquetStream):
+        if isinstance(train, (ParquetStream, packs.PackedSplit)):  # whole batches, evenly
             return train.batches_per_rank(world_size, self.cfg.batch_size)
         return math.ceil(len(train) / world_size) // self.cfg.batch_size
 
@@ -191,8 +196,8 @@ class ImageDataModule(L.LightningDataModule):
         """One whole batch per device at least (the last partial batch is dropped; a stream
         gives each rank an equal share of its rows)."""
         train = self._build().train
-        if isinstance(train, ParquetStream):
-            n = train.num_rows
+        if isinstance(train, (ParquetStream, packs.PackedSplit)):  # whole batches every rank
+            n = train.num_rows if isinstance(train, ParquetStream) else len(train)
             per_device = n // world_size
         else:
             n = len(train)
@@ -295,6 +300,11 @@ class ImageDataModule(L.LightningDataModule):
             self._subset_note = None
         kw = self._loader_kwargs()
         transform = self._loader_transform(train=True)
+        if isinstance(ds, packs.PackedSplit):
+            self.check_batch_size(world)
+            nodes = getattr(self.trainer, "num_nodes", 1)
+            apply = partial(_apply, transform)
+            return packs.train_loader(ds, rank, world, nodes, self.seed, apply, **kw)
         if isinstance(ds, ParquetStream):
             self.check_batch_size(world)
             stream = ds.configure(rank, world, self.seed)
