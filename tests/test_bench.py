@@ -104,10 +104,32 @@ def test_lightning_step_times_vitexp_trains_own_step():
         assert chatter not in result.stderr + result.stdout, result.stderr
 
 
-def test_data_pipeline_reads_every_image_after_the_first_batch():
-    out = bench.data_pipeline(num_images=24, img_size=64, num_workers=0, batch=8)
-    assert out["images"] == 16  # 3 batches of 8; the first one warms up
-    assert out["images_per_s"] > 0
+def test_the_three_formats_hold_the_same_images_and_are_timed(tmp_path, hf_offline):
+    """The folder, the parquet shards and the pack that `make bench` times hold the same
+    bytes; each format is timed with both decodes, and the table says them all."""
+    from vitexp.data import ImageDataModule
+    from vitexp.loader_check import FORMATS, compose, format_rates, write_formats
+
+    formats = write_formats(tmp_path, 40)
+    seen = {}
+    for name in FORMATS:
+        c = compose(["trainer=cpu", "data.num_workers=0", *formats[name]], 1)
+        dm = ImageDataModule(c.data, (32, 32), [0.0] * 3, [1.0] * 3)
+        dm.setup("fit")
+        seen[name] = dm.train_images
+    assert seen["imagefolder"] == 40 and seen["parquet"] == 40 - 2 * 4  # val, test: the head
+    assert seen["litdata"] == 40 - 8 - 3  # the pack holds out test (20 %), then val (10 %)
+    data = format_rates(num_images=48, img_size=64, batch=4, batches=2)
+    assert set(data["rates"]) == {f"{n}/{d}" for n in FORMATS for d in ("cpu", "gpu")}
+    for r in data["rates"].values():
+        assert r["per_worker_images_per_s"] > 0
+        need = r["workers_needed"]
+        assert list(need) == ["1000", "3000", "10000"] and need["1000"] <= need["10000"]
+        assert (r["device_stage_images_per_s"] is None) == (r["decode"] == "cpu")
+    table = "\n".join(bench.data_table(data, step_images_per_s=500.0))
+    for name in FORMATS:
+        assert name in table
+    assert "the training step above (500 img/s) needs decode=cpu workers" in table
 
 
 def test_cli_quick_suite_writes_bench_json(tmp_path, monkeypatch):
@@ -142,7 +164,7 @@ def test_cli_quick_suite_writes_bench_json(tmp_path, monkeypatch):
     assert memory["ratio"] > 0
     if not torch.cuda.is_available():
         assert "no CUDA device" in saved["gpu"]["skipped"]
-    assert report["data"]["vs_train_step"] > 0
+    assert len(report["data"]["rates"]) == 6 and report["data"]["workers"] == 0
 
 
 def test_without_timm_the_bench_says_how_to_install_it(tmp_path):

@@ -18,7 +18,8 @@ compile switches and PyTorch's default AdamW. `lightning` times the full
 `vitexp.train` training step (the LightningModule inside Lightning's loop, callbacks and
 logging included) for the headline case, `grad_checkpointing` the peak memory of vitexp's
 step without and with activation checkpointing (`model.grad_checkpointing`) for the S/16
-case, and `data` the JPEG image-folder pipeline.
+case, and `data` the loader formats (image folder, streamed parquet, litdata pack) with
+the decode on the loader worker or on the device, per worker (vitexp.loader_check).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import math
 import os
 import platform
 import statistics
@@ -471,53 +473,40 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-# --- data pipeline ---------------------------------------------------------------------------
-def data_pipeline(num_images: int, img_size: int, num_workers: int, batch: int) -> dict:
-    """Images/s of the image-folder training pipeline (JPEG decode, random resized crop,
-    flip, normalise, collate) with `num_workers` workers, on JPEGs written for the purpose
-    (500 x 375, the size of a typical ImageNet photo)."""
-    from PIL import Image
+# --- data loaders ----------------------------------------------------------------------------
+def data_table(data: dict[str, Any], step_images_per_s: float | None) -> list[str]:
+    """The loader formats' lines: img/s per worker with the decode on the worker (cpu) or on
+    the device (gpu: the worker reads bytes and draws), and the workers a GPU needs."""
+    from vitexp.loader_check import FORMATS, TRAINING_SPEEDS
 
-    from vitexp.config import DataConfig
-    from vitexp.data.datamodule import ImageDataModule
-
-    with tempfile.TemporaryDirectory() as root:
-        g = torch.Generator().manual_seed(0)
-        for i in range(num_images):
-            folder = Path(root, "train", f"class{i % 4}")
-            folder.mkdir(parents=True, exist_ok=True)
-            base = torch.rand(3, 24, 32, generator=g)  # smooth content compresses like photos
-            pixels = F.interpolate(base[None], size=(375, 500), mode="bicubic")[0]
-            array = (pixels.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-            Image.fromarray(array).save(folder / f"{i}.jpg", quality=90)
-        cfg = DataConfig(
-            name="bench",
-            source="imagefolder",
-            root=root,
-            num_classes=4,
-            batch_size=batch,
-            num_workers=num_workers,
-            val_fraction=0.0,
-            test_fraction=0.0,
+    speeds = "/".join(f"{s // 1000}k" for s in TRAINING_SPEEDS)
+    lines = [
+        f"\n## data: 500x375 JPEGs -> {data['img_size']} px (Inception crop, flip), batch "
+        f"{data['batch']}, {data['workers']} loader worker: img/s per worker",
+        f"{'format':<12} {'decode=cpu':>10} {'decode=gpu':>10} {'device stage':>12}   "
+        f"workers for {speeds} img/s (cpu | gpu)",
+    ]
+    rates = data["rates"]
+    for name in FORMATS:
+        cpu, gpu = rates[f"{name}/cpu"], rates[f"{name}/gpu"]
+        need = ["/".join(map(str, r["workers_needed"].values())) for r in (cpu, gpu)]
+        lines.append(
+            f"{name:<12} {cpu['per_worker_images_per_s']:>10.0f} "
+            f"{gpu['per_worker_images_per_s']:>10.0f} {gpu['device_stage_images_per_s']:>12.0f}"
+            f"   {need[0]} | {need[1]}"
         )
-        cfg.augment.random_resized_crop = True
-        cfg.augment.hflip = True
-        dm = ImageDataModule(cfg, (img_size, img_size), [0.5] * 3, [0.5] * 3)
-        dm.setup("fit")
-        loader = dm.train_dataloader()
-        seen, start = 0, 0.0
-        for i, (images, _) in enumerate(loader):
-            if i == 0:  # workers started and warmed up
-                start = time.perf_counter()
-                continue
-            seen += len(images)
-        elapsed = time.perf_counter() - start
-    return {
-        "images_per_s": seen / elapsed,
-        "num_workers": num_workers,
-        "img_size": img_size,
-        "images": seen,
-    }
+    lines.append(
+        "(device stage: decode + crop + normalise of decode=gpu, timed on the CPU here; "
+        "workers needed: training img/s / the worker's img/s, rounded up)"
+    )
+    if step_images_per_s:
+        cpu = {n: rates[f"{n}/cpu"]["per_worker_images_per_s"] for n in FORMATS}
+        shown = ", ".join(f"{n} {math.ceil(step_images_per_s / r)}" for n, r in cpu.items())
+        lines.append(
+            f"the training step above ({step_images_per_s:.0f} img/s) needs decode=cpu "
+            f"workers: {shown}"
+        )
+    return lines
 
 
 # --- FLOPs -----------------------------------------------------------------------------------
@@ -646,8 +635,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat (CPU)")
     parser.add_argument("--seconds", type=float, default=1.5, help="timed seconds per repeat")
     parser.add_argument("--quick", action="store_true", help="two CPU cases, for smoke runs")
-    parser.add_argument("--data-images", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4, help="data loader workers")
+    parser.add_argument("--data-images", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=1, help="data loader workers")
     parser.add_argument("--data-batch", type=int, default=32)
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
@@ -681,16 +670,12 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             report["gpu"] = {"skipped": "no CUDA device on this machine: nothing measured"}
             print("\n## GPU: skipped, no CUDA device on this machine (nothing measured)")
-    data = data_pipeline(args.data_images, 224, args.workers, args.data_batch)
+    from vitexp.loader_check import format_rates
+
+    with _quiet_lightning():
+        data = format_rates(args.data_images, 224, args.data_batch, args.workers)
     report["data"] = data
-    print(
-        f"\n## data: JPEG image folder -> 224 px batches, {args.workers} workers: "
-        f"{data['images_per_s']:.0f} images/s"
-    )
-    if model_ips:
-        data["vs_train_step"] = data["images_per_s"] / model_ips
-        verdict = "keeps up" if data["vs_train_step"] >= 1 else "is the bottleneck"
-        print(f"   {data['vs_train_step']:.1f}x the training step above: loading {verdict}")
+    print("\n".join(data_table(data, model_ips)))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"-> {args.out}")
     return report

@@ -131,6 +131,96 @@ def loader_rate(c: Any, decode: str, device: torch.device, batches: int) -> dict
     return out
 
 
+# --- the loader formats, side by side (`make bench`) ---------------------------------------
+FORMATS = ("imagefolder", "parquet", "litdata")
+TRAINING_SPEEDS = (1_000, 3_000, 10_000)  # img/s of a training step, for "workers needed"
+
+
+def write_formats(root: Path, n: int, shards: int = 4) -> dict[str, list[str]]:
+    """The same `n` JPEGs as an image folder, as parquet shards (`datasets`' layout: an Image
+    column of the encoded bytes, a ClassLabel, row groups of 100 images) and as a litdata
+    pack (`vitexp.pack`); returns each format's `vitexp.train` data overrides."""
+    import contextlib
+    import io
+
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as HFImage
+
+    from vitexp.pack import PackCommandConfig, pack
+
+    folder, parquet, packed = root / "folder", root / "parquet", root / "pack"
+    write_jpegs(folder, n)
+    files = sorted((folder / "train").glob("*/*.jpg"))
+    names = sorted({f.parent.name for f in files})
+    parquet.mkdir()
+    features = Features({"image": HFImage(), "label": ClassLabel(names=names)})
+    for k in range(shards):
+        part = files[k::shards]
+        rows = {
+            "image": [{"bytes": f.read_bytes(), "path": None} for f in part],
+            "label": [names.index(f.parent.name) for f in part],
+        }
+        Dataset.from_dict(rows, features=features).to_parquet(str(parquet / f"train-{k}.parquet"))
+    with contextlib.redirect_stdout(io.StringIO()):  # its closing line is for a person
+        pack(PackCommandConfig(src=str(folder), out=str(packed), progress=False))
+    return {
+        "imagefolder": [
+            "data=imagefolder",
+            f"data.root={folder}",
+            "data.val_fraction=0.0",
+            "data.test_fraction=0.0",
+        ],
+        "parquet": [
+            "data=hf",
+            "data.dataset=parquet",
+            f"data.data_files.train={parquet}/train-*.parquet",
+            "data.streaming=true",
+            f"data.num_classes={len(names)}",
+            "data.test_split=null",
+            f"data.val_size={max(1, n // 10)}",  # val, then test: the head of the shards
+            "data.shuffle_buffer=1000",
+        ],
+        "litdata": ["data=litdata", f"data.root={packed}"],
+    }
+
+
+def format_rates(
+    num_images: int, img_size: int, batch: int, workers: int = 1, batches: int = 6
+) -> dict[str, Any]:
+    """Images/s per loader worker of each format with the paper's training augmentation
+    (Inception crop, flip) at `img_size`: data.decode=cpu (the worker decodes and augments)
+    and data.decode=gpu (the worker reads bytes and draws; its device stage timed apart,
+    here on the CPU), and the workers a GPU needs at TRAINING_SPEEDS."""
+    common = [
+        "trainer=cpu",
+        "model=vit_tiny_debug",
+        f"model.img_size={img_size}",
+        f"data.batch_size={batch}",
+        f"data.num_workers={workers}",
+        "data.augment.random_resized_crop=true",
+        "data.augment.hflip=true",
+    ]
+    rates: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="vitexp-formats-") as tmp:
+        formats = write_formats(Path(tmp), num_images)
+        for name in FORMATS:
+            c = compose([*common, *formats[name]], 1)
+            for decode in ("cpu", "gpu"):
+                r = loader_rate(c, decode, torch.device("cpu"), batches)
+                per_worker = r["per_worker"]
+                rates[f"{name}/{decode}"] = {
+                    "format": name,
+                    "decode": decode,
+                    "per_worker_images_per_s": round(per_worker, 1),
+                    "device_stage_images_per_s": r["device_stage_images_per_s"]
+                    and round(r["device_stage_images_per_s"], 1),
+                    "workers_needed": {
+                        str(speed): math.ceil(speed / per_worker) for speed in TRAINING_SPEEDS
+                    },
+                }
+    return {"img_size": img_size, "batch": batch, "workers": workers, "rates": rates}
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
