@@ -163,6 +163,22 @@ def test_train_batches_draw_the_same_boxes_and_flips(tmp_path, monkeypatch, work
     close(x_gpu, x_cpu)
 
 
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_training_without_the_random_crop_frames_as_evaluation(tmp_path, crop_pct):
+    """Without the random crop both decodes frame a training image as evaluation does
+    (resize by crop_pct, center crop), then flip."""
+    write_jpegs(tmp_path, SQUARE_AND_NOT)
+    augment = AugmentConfig(random_resized_crop=False, crop_pct=crop_pct)
+    cpu = module(tmp_path, "cpu", augment, num_workers=0)
+    gpu = module(tmp_path, "gpu", augment, num_workers=0)
+    items = pending(gpu, gpu.train_dataloader())
+    assert all(item.box is None for item in items) and 0 < sum(i.flip for i in items) < 6
+    x_cpu, y_cpu = on_device(cpu, cpu.train_dataloader())
+    x_gpu, y_gpu = on_device(gpu, gpu.train_dataloader())
+    assert torch.equal(y_gpu, y_cpu)
+    close(x_gpu, x_cpu)
+
+
 def test_large_jpegs_crop_on_the_dct_scaled_size_and_decode_whole(tmp_path, monkeypatch):
     """decode=cpu decodes a large JPEG at 1/2..1/8 scale (Image.draft); decode=gpu draws
     the crop on that same size and cuts it from the full decode."""

@@ -145,9 +145,11 @@ def write_formats(root: Path, n: int, shards: int = 4) -> dict[str, list[str]]:
 
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as HFImage
+    from datasets.utils.logging import disable_progress_bar
 
     from vitexp.pack import PackCommandConfig, pack
 
+    disable_progress_bar()  # datasets' bar for each shard written: not the bench's output
     folder, parquet, packed = root / "folder", root / "parquet", root / "pack"
     write_jpegs(folder, n)
     files = sorted((folder / "train").glob("*/*.jpg"))
@@ -160,7 +162,8 @@ def write_formats(root: Path, n: int, shards: int = 4) -> dict[str, list[str]]:
             "image": [{"bytes": f.read_bytes(), "path": None} for f in part],
             "label": [names.index(f.parent.name) for f in part],
         }
-        Dataset.from_dict(rows, features=features).to_parquet(str(parquet / f"train-{k}.parquet"))
+        written = Dataset.from_dict(rows, features=features)
+        written.to_parquet(str(parquet / f"train-{k}.parquet"), batch_size=100)
     with contextlib.redirect_stdout(io.StringIO()):  # its closing line is for a person
         pack(PackCommandConfig(src=str(folder), out=str(packed), progress=False))
     return {

@@ -113,7 +113,8 @@ def _read(src: Any) -> bytes | None:
 class Pending:
     """One sample for the device: JPEG bytes (`encoded`) or uint8 (3, H, W) pixels, and
     what to do with it. `box` (top, left, height, width) is in the source's full-size
-    pixels (train), None for the eval resize; `rng` is the CPU generator's state where
+    pixels (the random crop), None for evaluation's framing (eval, and training without
+    the random crop); `rng` is the CPU generator's state where
     decode=cpu's RandAugment would start drawing (None: no RandAugment)."""
 
     source: torch.Tensor
@@ -147,15 +148,14 @@ class DeviceTransform:
         item = Pending(source, encoded, name)
         if not self.train:
             return item
-        top, left, height, width = 0, 0, h, w  # a plain Resize: the whole image
         if self.crop is not None:  # v2.RandomResizedCrop's own draws, on the size alone
             p = self.crop.make_params([torch.empty((0, h, w), dtype=torch.uint8)])
-            top, left, height, width = p["top"], p["left"], p["height"], p["width"]
+            item.box = _scaled((p["top"], p["left"], p["height"], p["width"]), scale)
+        # without the random crop the device frames the image as evaluation does
         if self.flip_p is not None:
             item.flip = bool(torch.rand(1) < self.flip_p)  # as v2's _RandomApplyTransform
         if self.randaugment:
             item.rng = torch.get_rng_state()
-        item.box = _scaled((top, left, height, width), scale)
         return item
 
 
@@ -278,9 +278,7 @@ class DeviceStage:
         return _pixels(img).to(device)
 
     def _geometry(self, item: Pending, img: torch.Tensor) -> torch.Tensor:
-        if item.box is None:
-            return self.eval_ops(img)
-        img = _crop(img, item.box, self.img_size)
+        img = self.eval_ops(img) if item.box is None else _crop(img, item.box, self.img_size)
         if item.flip:
             img = TF.horizontal_flip(img)
         if item.rng is not None and self.randaugment is not None:
