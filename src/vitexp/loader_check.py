@@ -10,7 +10,7 @@ measures separately
       data.decode=gpu where asked (by default when a GPU is present), its device stage
       (batched JPEG decode, crop, normalise) included, as the training process runs it;
   the step: `vitexp.train`'s training step alone (its model, precision, compile, MixUp),
-      on synthetic batches of the same shape (`bench.step_times`, the median step);
+      on synthetic batches of the same shape (`step_timer.step_times`, the median step);
 
 and says which one is slower and how many loader workers would keep up with the step at
 the measured rate per worker. Without overrides it makes its own data: 500 x 375 JPEGs
@@ -238,7 +238,7 @@ def check(
 ) -> dict[str, Any]:
     """Loader and step img/s for the run of `overrides`, and the verdict (see the module
     doc). `decodes`: the data.decode values to time (default: cpu, and gpu on a GPU)."""
-    from vitexp.bench import step_times
+    from vitexp.step_timer import step_times
 
     gpu = torch.cuda.is_available() if gpu is None else gpu
     device = torch.device("cuda" if gpu else "cpu")
