@@ -29,7 +29,7 @@ from vitexp.errors import ConfigError
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 STAGES = ("pretrain", "finetune")
-SOURCES = ("digits", "shapes", "torchvision", "imagefolder", "hf", "litdata")
+SOURCES = ("digits", "fashion_mnist", "shapes", "torchvision", "imagefolder", "hf", "litdata")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
 LOSSES = ("softmax", "sigmoid")
@@ -85,7 +85,9 @@ class ShapesConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"  # label used in results, reports and log keys
-    source: str = "digits"  # digits | shapes | torchvision | imagefolder | hf | litdata
+    source: str = (
+        "digits"  # digits | fashion_mnist | shapes | torchvision | imagefolder | hf | litdata
+    )
     dataset: str | None = None  # torchvision: CIFAR10 | CIFAR100; hf: hub name or builder
     root: str | None = None  # where the data lives on disk
     # hf: local files per split, e.g. {train: a.parquet}

@@ -44,7 +44,12 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     c = validate(cfg)
     import lightning as L
 
-    from vitexp.baselines import BASELINE_SOURCES, pixel_baselines, side_by_side
+    from vitexp.baselines import (
+        BASELINE_SOURCES,
+        beside_published,
+        pixel_baselines,
+        side_by_side,
+    )
     from vitexp.callbacks import requeue_count, slurm_job_id
     from vitexp.checkpoint import (
         check_resumable,
@@ -195,6 +200,9 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
             )
         if baselines is not None:
             log.info("%s", side_by_side(results["metrics"]["test/acc"], baselines, c.data.name))
+        published = beside_published(results["metrics"]["test/acc"], c.data.source)
+        if published and c.data.subset is None:
+            log.info("%s", published)
     rundir.stop_logging_to_file()
     return results
 

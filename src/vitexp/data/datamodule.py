@@ -151,6 +151,8 @@ class ImageDataModule(L.LightningDataModule):
         cfg, source = self.cfg, self.cfg.source
         if source == "digits":
             return sources.load_digits(cfg)
+        if source == "fashion_mnist":
+            return sources.load_fashion_mnist(cfg)
         if source == "shapes":
             return sources.load_shapes(cfg, self.img_size)
         if source == "torchvision":

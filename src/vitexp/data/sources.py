@@ -37,7 +37,7 @@ class Splits:
 
 # --- map-style splits --------------------------------------------------------------------
 class ArraySplit(Dataset):
-    """Images held in memory as uint8 (N, H, W, 3)."""
+    """Images held in memory as uint8 (N, H, W, 3), or grey (N, H, W) given as RGB."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
@@ -46,7 +46,8 @@ class ArraySplit(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.images[i]), int(self.labels[i])
+        image = Image.fromarray(self.images[i])
+        return image if image.mode == "RGB" else image.convert("RGB"), int(self.labels[i])
 
 
 class FileSplit(Dataset):
@@ -148,6 +149,17 @@ def load_digits(cfg: DataConfig) -> Splits:
     images = np.repeat(grey[..., None], 3, axis=-1)  # (N, 8, 8, 3)
     train, val, test = _fractions(ArraySplit(images, d.target), cfg)
     return Splits(train, val, test, [str(c) for c in range(10)], "data.source=digits")
+
+
+def load_fashion_mnist(cfg: DataConfig) -> Splits:
+    """Fashion-MNIST's official train / test split (vitexp.data.fashion_mnist); val is a
+    seeded, stratified val_fraction of train."""
+    from vitexp.data import fashion_mnist
+
+    arrays, folder = fashion_mnist.load(cfg)
+    base, test = (ArraySplit(*arrays[split]) for split in ("train", "test"))
+    train, val, test = _fractions(base, cfg, test=test)
+    return Splits(train, val, test, list(fashion_mnist.CLASS_NAMES), f"data.root={folder}")
 
 
 def load_shapes(cfg: DataConfig, img_size: tuple[int, int]) -> Splits:
