@@ -68,10 +68,13 @@ def test_draws_take_k_of_every_class_deterministically():
         draw_shots(labels, 10, 5, np.random.default_rng(0))
 
 
+FEWSHOT = ["fewshot.shots=[1,5]", "fewshot.report_shot=5", "fewshot.draws=2"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fs") / "pre"
-    results = train(run_dir, "fewshot.shots=[1,5]", "fewshot.report_shot=5", "fewshot.draws=2")
+    results = train(run_dir, *FEWSHOT)
     assert set(results["fewshot"]) == {"digits/1shot", "digits/5shot"}
     assert results["fewshot_report"] == "digits/5shot"
     metrics = next((run_dir / "logs").rglob("metrics.csv")).read_text()
@@ -116,3 +119,22 @@ def test_command_without_a_checkpoint_is_one_line(tmp_path: Path):
         proc.stderr.strip()
         == "error: pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt"
     )
+
+
+def test_the_control_is_the_same_probe_on_the_runs_own_initialisation(checkpoint: Path):
+    """`fewshot_init`: the run's seed, its model and the same draws, before any step."""
+    import lightning as L
+
+    from test_train import TINY, compose_cfg
+    from vitexp.config import validate
+    from vitexp.fewshot import FewShotEvaluator
+    from vitexp.models import build_model
+
+    results = json.loads((checkpoint / "results.json").read_text())
+    assert set(results["fewshot_init"]) == set(results["fewshot"])
+    assert results["fewshot_init"] != results["fewshot"]  # trained weights score differently
+    c = validate(compose_cfg([*TINY, *FEWSHOT]))
+    L.seed_everything(c.seed, verbose=False)
+    net = build_model(c.model, len(results["class_names"]))
+    evaluator = FewShotEvaluator(c.fewshot, net.img_size, c.model.mean, c.model.std)
+    assert evaluator.evaluate(net) == pytest.approx(results["fewshot_init"], abs=1e-6)

@@ -107,6 +107,44 @@ def test_claims_follow_their_rules():
     assert [c.verdict for c in judge({}, {}, None, "m")] == ["not run"] * 5
 
 
+def controlled(cell_: Cell, *controls: float) -> Cell:
+    """The cell with a random-init control per seed (paired with its values in order)."""
+    cell_.controls = list(controls)
+    cell_.gains = [v - c for v, c in zip(cell_.values, controls, strict=True)]
+    return cell_
+
+
+def test_a_probe_that_does_not_beat_random_weights_decides_nothing():
+    from vitexp.claims import probe_tells
+
+    table8 = {
+        ("none", "stem"): controlled(cell(0.50, 0.52, 0.51), 0.40, 0.41, 0.40),
+        ("learned_1d", "stem"): controlled(cell(0.60, 0.61, 0.62), 0.40, 0.42, 0.41),
+        ("learned_2d", "stem"): controlled(cell(0.59, 0.60, 0.61), 0.41, 0.40, 0.42),
+    }
+    assert probe_tells(table8)[0] is True
+    assert [c.verdict for c in judge(table8, {}, FIGURES, "m")[:2]] == ["held", "held"]
+    # the issue's case: random weights score as high as trained ones in one cell
+    table8[("none", "stem")] = controlled(cell(0.50, 0.52, 0.51), 0.63, 0.67, 0.75)
+    tells, why = probe_tells(table8)
+    assert tells is False and "1 of 3 trained cells" in why and "none/stem -0.1733" in why
+    claims = judge(table8, {}, FIGURES, "m")
+    assert [c.verdict for c in claims[:2]] == ["probe cannot tell"] * 2
+    assert claims[0].held is None and "the probe cannot tell" in claims[0].measured
+    assert [c.verdict for c in claims[2:4]] == ["held", "held"]  # not probe-based
+    # a gain within 2 standard errors, or fewer than 3 seeds, does not count either
+    table8[("none", "stem")] = controlled(cell(0.50, 0.52), 0.49, 0.50)
+    assert probe_tells(table8)[0] is False and "n=2" in probe_tells(table8)[1]
+    table8[("none", "stem")] = controlled(cell(0.50, 0.60, 0.55), 0.49, 0.45, 0.56)
+    assert probe_tells(table8)[0] is False
+    # no control recorded (older runs): the verdict stands, the probe is said unchecked
+    plain = {k: cell(*c.values) for k, c in table8.items()}
+    assert probe_tells(plain) == (
+        None,
+        "no random-init control recorded, so the probe is unchecked",
+    )
+
+
 # --- report.html ---------------------------------------------------------------------------
 class Page(HTMLParser):
     """The <img> sources and the text of every <td> of a page."""

@@ -13,13 +13,23 @@
    pretraining subset than at the largest (the gap closes, or turns, as data grows).
 
 A claim whose runs are missing is "not run"; numbers are never invented for it.
+
+The few-shot probe must first show that it measures what pretraining taught: every
+pretraining run also scores its own random initialisation with the same probe (the control,
+`fewshot_init` in results.json). A table's probe is informative when every trained cell
+beats its control by more than two standard errors of the paired gain (trained - control,
+per seed) over at least 3 seeds (`probe_tells`); claims 1, 2 and 5 rest on the probe, and
+where it cannot tell, their verdict is "probe cannot tell", whatever their numbers say.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
+
+MIN_SEEDS = 3  # paired seeds a cell needs before its gain over the control counts
 
 
 @dataclass
@@ -27,11 +37,59 @@ class Claim:
     claim: str
     paper: str  # what the paper reports
     measured: str  # the numbers here
-    held: bool | None  # None: not measured
+    held: bool | None  # None: not measured, or not measurable with this probe
+    probe: str | None = None  # why the probe cannot tell (then held is None)
 
     @property
     def verdict(self) -> str:
+        if self.probe:
+            return "probe cannot tell"
         return {True: "held", False: "did not hold", None: "not run"}[self.held]
+
+
+def gain(cell: Any) -> tuple[float, float] | None:
+    """Mean and standard error of a cell's paired gains over its random initialisation."""
+    if len(cell.gains) < 2:
+        return None
+    return statistics.fmean(cell.gains), statistics.stdev(cell.gains) / math.sqrt(len(cell.gains))
+
+
+def probe_tells(cells: dict) -> tuple[bool | None, str]:
+    """(informative, one sentence) for a table's trained cells (see the module doc); None
+    when no run recorded a control."""
+    scored = {k: c for k, c in cells.items() if c.values}
+    if not any(c.gains for c in scored.values()):
+        return None, "no random-init control recorded, so the probe is unchecked"
+
+    def name(key: Any) -> str:
+        return "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+    failing = []
+    for key, cell in scored.items():
+        g = gain(cell)
+        if len(cell.gains) < MIN_SEEDS or g is None or g[0] <= 2 * g[1]:
+            shown = f"{g[0]:+.4f} (2 SE {2 * g[1]:.4f})" if g else "no paired seeds"
+            failing.append(f"{name(key)} {shown}, n={len(cell.gains)}")
+    if failing:
+        return False, (
+            f"the probe cannot tell: {len(failing)} of {len(scored)} trained cells do not beat "
+            f"their random initialisation by 2 standard errors over >= {MIN_SEEDS} seeds "
+            f"({'; '.join(failing[:4])}{'; ...' if len(failing) > 4 else ''})"
+        )
+    smallest = min((gain(c) for c in scored.values()), key=lambda g: g[0] - 2 * g[1])
+    return True, (
+        f"the probe tells: all {len(scored)} trained cells beat their random initialisation "
+        f"by more than 2 standard errors over >= {MIN_SEEDS} seeds (closest: gain "
+        f"{smallest[0]:+.4f}, 2 SE {2 * smallest[1]:.4f})"
+    )
+
+
+def _unless_blind(claim: Claim, cells: dict) -> Claim:
+    """The claim as judged, or "probe cannot tell" when the table's probe is not informative."""
+    tells, why = probe_tells(cells)
+    if claim.held is not None and tells is False:
+        return Claim(claim.claim, claim.paper, f"{claim.measured}. {why}", None, probe=why)
+    return claim
 
 
 def _ms(cell: Any) -> str:
@@ -134,10 +192,11 @@ def vit_needs_more_data(cells: dict, metric: str) -> Claim:
 
 def judge(table8: dict | None, scaling: dict | None, figures: dict | None, metric: str) -> list:
     """Every claim, in the README's order."""
+    table8, scaling = table8 or {}, scaling or {}
     return [
-        position_helps(table8 or {}, metric),
-        kind_matters_little(table8 or {}, metric),
+        _unless_blind(position_helps(table8, metric), table8),
+        _unless_blind(kind_matters_little(table8, metric), table8),
         distance_grows(figures),
         position_structure(figures),
-        vit_needs_more_data(scaling or {}, metric),
+        _unless_blind(vit_needs_more_data(scaling, metric), scaling),
     ]

@@ -80,6 +80,7 @@ def draw_shots(
 
 # --- the evaluator -------------------------------------------------------------------------
 @torch.no_grad()
+@torch.no_grad()
 def pre_logits(model: VisionTransformer, dataset, indices, batch_size: int) -> torch.Tensor:
     """(len(indices), D) features the head would see, in `indices` order, on CPU."""
     device = next(model.parameters()).device
@@ -164,16 +165,29 @@ class FewShotEvaluator:
 
 
 class FewShotCallback(L.Callback):
-    """Logs `fewshot/<dataset>/<k>shot` at the end of every validation (rank zero computes)."""
+    """Logs `fewshot/<dataset>/<k>shot` at the end of every validation (rank zero computes),
+    and scores the run's own random initialisation once, before the first step: the control
+    that a transfer score must beat (`at_init`, kept in checkpoints for a resumed run)."""
 
     def __init__(self, evaluator: FewShotEvaluator) -> None:
         self.evaluator = evaluator
+        self.at_init: dict[str, float] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and self.at_init is None and trainer.is_global_zero:
+            self.at_init = self.evaluator.evaluate(pl_module.net)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         for key, value in self.evaluator.evaluate(pl_module.net).items():
             pl_module.log(f"fewshot/{key}", value, rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"at_init": self.at_init}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.at_init = state_dict.get("at_init")
 
 
 # --- the command ---------------------------------------------------------------------------

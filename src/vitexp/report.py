@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitexp.claims import gain, probe_tells
 from vitexp.cli import run_cli
 from vitexp.errors import ConfigError
 from vitexp.files import write_atomic
@@ -100,6 +101,7 @@ class Job:
     data: str | None = None
     config: object = field(default=None, repr=False)  # a running job's config.yaml
     axes: dict[str, object] = field(default_factory=dict)  # its value of each swept axis
+    control: float | None = None  # the same probe on the job's random initialisation
 
 
 @dataclass
@@ -109,6 +111,8 @@ class Cell:
     statuses: Counter = field(default_factory=Counter)
     test_accs: list[float] = field(default_factory=list)
     train_images: list[int] = field(default_factory=list)
+    controls: list[float] = field(default_factory=list)  # per seed, where recorded
+    gains: list[float] = field(default_factory=list)  # value - control, paired by seed
 
     @property
     def mean(self) -> float | None:
@@ -239,6 +243,7 @@ def read_job(job_dir: Path) -> Job | None:
             status = r.get("status", "done") if name == "results.json" else "failed"
             metric = r.get("fewshot_report")
             value = (r.get("fewshot") or {}).get(metric) if metric else None
+            control = (r.get("fewshot_init") or {}).get(metric) if metric else None
             pos = r.get("pos_embed") or {}
             overrides, override_seed = None, None
             if "overrides" in r:
@@ -259,6 +264,7 @@ def read_job(job_dir: Path) -> Job | None:
                 train_images=int(images) if isinstance(images, (int, float)) else None,
                 model=r.get("model"),
                 data=r.get("data"),
+                control=control,
             )
     config = job_dir / "config.yaml"
     if config.is_file():  # started, not finished: running, or killed without a record
@@ -352,6 +358,9 @@ def summarise(jobs: list[Job]) -> tuple[dict[tuple[str, str], Cell], str | None]
         if j.status == "done" and j.value is not None:
             cell.values.append(j.value)
             cell.seeds.append(j.seed)
+            if j.control is not None:
+                cell.controls.append(j.control)
+                cell.gains.append(j.value - j.control)
         if j.status == "done" and j.test_acc is not None:
             cell.test_accs.append(j.test_acc)
     return cells, (metrics.most_common(1)[0][0] if metrics else None)
@@ -391,7 +400,34 @@ def markdown(cells: dict, metric: str | None, jobs: list[Job]) -> str:
     for kind in rows_in(cells):
         row = [cell_text(kind, p, cells.get((kind, p))) for p in COLUMNS]
         lines.append(f"| {ROWS[kind]} | " + " | ".join(row) + " |")
+    if any(c.controls for c in cells.values()):
+        lines += [
+            "",
+            "Random-init control: the same probe on each run's own initialisation, and the "
+            "trained run's gain over it (mean ± standard error over seeds).",
+            "",
+            "| Pos. Emb. | " + " | ".join(COLUMNS.values()) + " |",
+            "|---|" + "---|" * len(COLUMNS),
+        ]
+        for kind in rows_in(cells):
+            row = [control_text(kind, p, cells.get((kind, p))) for p in COLUMNS]
+            lines.append(f"| {ROWS[kind]} | " + " | ".join(row) + " |")
+    lines += ["", probe_tells(cells)[1][0].upper() + probe_tells(cells)[1][1:] + "."]
     return "\n".join(lines) + "\n"
+
+
+def control_text(kind: str, placement: str, cell: Cell | None) -> str:
+    """`init 0.6312, gain +0.0512 ± 0.0100` of a Table-8 cell."""
+    if kind in STEM_ONLY_KINDS and placement != "stem":
+        return "N/A"
+    if cell is None or not cell.controls:
+        return "no control"
+    return f"init {np.mean(cell.controls):.4f}, {gain_text(cell)}"
+
+
+def gain_text(cell: Cell) -> str:
+    g = gain(cell)
+    return f"gain {g[0]:+.4f} ± {g[1]:.4f}" if g else f"gain {cell.gains[0]:+.4f} (1 seed)"
 
 
 def csv_text(cells: dict) -> str:
@@ -485,6 +521,9 @@ def summarise_axes(jobs: list[Job], axes: list[str], view: str) -> Summary:
         if score is not None:
             cell.values.append(score)
             cell.seeds.append(j.seed)
+            if metrics and j.control is not None:
+                cell.controls.append(j.control)
+                cell.gains.append(score - j.control)
         if j.test_acc is not None:
             cell.test_accs.append(j.test_acc)
         images = j.train_images
@@ -541,6 +580,8 @@ def axes_markdown(s: Summary) -> str:
     if s.view == "scaling":
         head.append("train images")
     head.append(s.metric)
+    controls = any(c.controls for c in s.cells.values())
+    head += ["random init", "gain over it"] * controls
     if s.fewshot:
         head.append("test/acc")
     head += ["n", "seeds", "failed"] + ["running"] * running + ["n/a"] * na
@@ -556,12 +597,17 @@ def axes_markdown(s: Summary) -> str:
         if s.view == "scaling":
             row.append("" if cell.images is None else str(cell.images))
         row.append(score_text(cell))
+        if controls:
+            row += [f"{np.mean(cell.controls):.4f}", gain_text(cell)] if cell.controls else ["", ""]
         if s.fewshot:
             row.append(format_mean_std(cell.test_mean, cell.test_std))
         row += [str(len(cell.values)), " ".join(map(str, sorted(cell.seeds)))]
         row.append(str(cell.statuses["failed"]))
         row += [str(cell.statuses["running"])] * running + [str(cell.statuses["n/a"])] * na
         lines.append("| " + " | ".join(row) + " |")
+    if s.fewshot:
+        tells = probe_tells(s.cells)[1]
+        lines += ["", tells[0].upper() + tells[1:] + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -137,6 +137,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     # with ema.decay, the model now holds the average: test, few-shot and figures are of it
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
+    fewshot_init = next((cb.at_init for cb in trainer.callbacks if hasattr(cb, "at_init")), None)
     average = weight_average(trainer)
     raw_metrics = fewshot_raw = None
     if average is not None:  # the trained weights too, for comparison
@@ -167,6 +168,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         "metrics_raw": raw_metrics,
         "fewshot": fewshot,
         "fewshot_raw": fewshot_raw,
+        "fewshot_init": fewshot_init,  # the same probe on this run's random initialisation
         "fewshot_report": f"{c.fewshot.data.name}/{c.fewshot.report_shot}shot" if fewshot else None,
         "baselines": baselines,
         **training_facts(trainer, c, run_dir),
