@@ -145,6 +145,8 @@ def test_bit_presets_follow_the_papers_resnet_recipe():
 
 BAD_OVERRIDES = [
     (["model.foo=1"], r"^model\.foo is not a key of model"),
+    (["data.classes=[Shirt]"], r"^data\.classes=\['Shirt'\] must name at least 2 different"),
+    (["data.classes=[1,'1']"], r"^data\.classes=.* must name at least 2 different"),
     (["foo=bar"], r"^foo is not a key of the top level"),
     (["model.depth=abc"], r"^model\.depth='abc': .*could not be converted to Integer"),
     (["optim.lr=fast"], r"^optim\.lr='fast': .*Float"),

@@ -128,3 +128,19 @@ def test_the_real_files_from_debians_package():
     assert np.bincount(test.labels, minlength=10).tolist() == [1000] * 10
     pixels = np.asarray(test[0][0])
     assert pixels.std() > 30 and pixels[0, 0].tolist() == [0, 0, 0]  # a photo on black
+
+
+def test_data_classes_keeps_some_classes_relabelled_in_the_order_given(fake, nowhere):
+    dm = module(root=str(fake), classes=["Shirt", "Sneaker", 8, "Ankle boot"])
+    assert dm.class_names == ["Shirt", "Sneaker", "Bag", "Ankle boot"] and dm.num_classes == 4
+    test = dm.raw_split("test")
+    assert len(test) == 4_000 and np.bincount(test.labels).tolist() == [1000] * 4
+    image, label = test[0]  # the first kept test image: official index 6, a shirt (6 -> 0)
+    assert label == 0 and np.asarray(image)[0, 0, 0] == 100_006 % 251
+    assert len(dm.raw_split("train")) + len(dm.raw_split("val")) == 24_000
+    x, y = next(iter(dm.train_dataloader()))
+    assert y.max() < 4
+    with pytest.raises(DataError, match=r"data.classes: 'Hat' is not a class of data.root=.*"):
+        module(root=str(fake), classes=["Shirt", "Hat"])
+    with pytest.raises(DataError, match=r"names a class twice"):
+        module(root=str(fake), classes=["Shirt", 6])

@@ -93,6 +93,9 @@ class DataConfig:
     # hf: local files per split, e.g. {train: a.parquet}
     data_files: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None  # null: from the data; else checked against it
+    # keep only these classes (names or indices of the source's), relabelled 0.. in this
+    # order: e.g. pretrain on 6 Fashion-MNIST classes, transfer to the other 4
+    classes: list[Any] | None = None
     batch_size: int = 64  # per device
     global_batch_size: int | None = None  # kept across device counts by accumulation
     num_workers: int = 2
@@ -424,6 +427,17 @@ def _validate_data(d: DataConfig, key: str = "data") -> None:
             f"({key}.root=/path/to/data)"
         )
     check_subset(d, key, ConfigError)
+    if d.classes is not None:
+        kept = list(d.classes)
+        if len(kept) < 2 or len(set(map(str, kept))) != len(kept):
+            raise ConfigError(
+                f"{key}.classes={kept} must name at least 2 different classes (names or indices)"
+            )
+        if d.source == "litdata" or d.streaming:
+            raise ConfigError(
+                f"{key}.classes is not supported for a stream or a pack; pack or stream only "
+                "the classes you want"
+            )
     a = d.augment
     if not 0 < a.scale_min <= 1:
         raise ConfigError(f"{key}.augment.scale_min={a.scale_min} must be in (0, 1]")

@@ -95,6 +95,8 @@ class ImageDataModule(L.LightningDataModule):
     def _build(self) -> sources.Splits:
         if self._splits is None:
             splits = self._load()
+            if self.cfg.classes is not None:
+                splits = sources.keep_classes(splits, list(self.cfg.classes))
             n = len(splits.class_names)
             if self.cfg.num_classes is not None and n != self.cfg.num_classes:
                 shown = ", ".join(splits.class_names[:10]) + (", ..." if n > 10 else "")

@@ -77,6 +77,46 @@ class SubsetSplit(Dataset):
         return self.base[int(self.indices[i])]
 
 
+class RelabelledSplit(Dataset):
+    """The images of some classes of a split, their labels renumbered 0.. (data.classes)."""
+
+    def __init__(self, base: Dataset, mapping: dict[int, int]) -> None:
+        self.base, self.mapping = base, mapping
+        self.indices = np.flatnonzero(np.isin(base.labels, list(mapping)))
+        self.labels = np.array([mapping[int(y)] for y in base.labels[self.indices]], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
+        return self.base[int(self.indices[i])][0], int(self.labels[i])
+
+
+def keep_classes(splits: Splits, classes: list) -> Splits:
+    """Splits of only `classes` (names, or indices into the source's class list), labelled
+    in the order given; a name or index the data lacks is named with the ones it has."""
+    names = list(splits.class_names)
+    picked = []
+    for c in classes:
+        if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(names):
+            picked.append(c)
+        elif str(c) in names:
+            picked.append(names.index(str(c)))
+        else:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise DataError(
+                f"data.classes: {c!r} is not a class of {splits.origin} (its classes: "
+                f"{shown}; or indices 0-{len(names) - 1})"
+            )
+    if len(set(picked)) != len(picked):
+        raise DataError(f"data.classes={list(classes)} names a class twice")
+    mapping = {old: new for new, old in enumerate(picked)}
+    train, val, test = (
+        RelabelledSplit(getattr(splits, s), mapping) for s in ("train", "val", "test")
+    )
+    return Splits(train, val, test, [names[i] for i in picked], splits.origin)
+
+
 def holdout(labels: np.ndarray, fraction: float, seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held) sorted index arrays. `held` has round(fraction * N) examples (>= 1 when
     fraction > 0 and N > 1), each class in proportion (largest remainders, seeded ties)."""
