@@ -15,19 +15,23 @@ from pathlib import Path
 import pytest
 
 from vitexp.claims import judge
+from vitexp.errors import ConfigError
 from vitexp.report import Cell
-from vitexp.reproduce import plan
+from vitexp.reproduce import STUDIES, plan
 
 
 # --- the plan ------------------------------------------------------------------------------
 def test_plan_expands_the_presets_and_records_na_cells(tmp_path: Path):
-    jobs = plan(tmp_path)
+    jobs = plan(tmp_path, studies=(*STUDIES, "table8", "data_scaling"))
     studies = [j.study for j in jobs]
     assert studies.count("quickstart") == 3
     assert studies.count("table8") == 12 * 3  # 4 kinds x 3 placements x 3 seeds
     assert studies.count("data_scaling") == 2 * 4 * 2  # models x subsets x seeds
+    assert studies.count("real_table8") == 12 * 3
+    assert studies.count("real_scaling") == 2 * 5 * 2
+    assert studies.count("real_transfer") == 2 * 3  # pretrained and scratch x seeds
     na = [j for j in jobs if j.status == "n/a"]
-    assert len(na) == 4 * 3 and all(j.study == "table8" for j in na)
+    assert len(na) == 2 * 4 * 3 and {j.study for j in na} == {"table8", "real_table8"}
     record = json.loads((tmp_path / na[0].study / na[0].name / "results.json").read_text())
     assert record["status"] == "n/a" and "N/A cell" in record["reason"]
     finetune = next(j for j in jobs if j.name == "finetune")
@@ -35,6 +39,16 @@ def test_plan_expands_the_presets_and_records_na_cells(tmp_path: Path):
     assert f"pretrained={tmp_path / 'quickstart' / 'pretrain'}" in finetune.overrides
     scaling = next(j for j in jobs if j.study == "data_scaling")
     assert scaling.name == "model=vit_tiny_p8,subset=2000,seed=0"
+    # the transfer fine-tunes real_table8's 1-D stem run of its seed; scratch needs nothing
+    source = "real_table8/kind=learned_1d,placement=stem,seed=2"
+    transfer = {j.name: j for j in jobs if j.study == "real_transfer"}
+    assert transfer["init=pretrained,seed=2"].after == source
+    assert f"pretrained='{tmp_path / source}'" in transfer["init=pretrained,seed=2"].overrides
+    assert transfer["init=scratch,seed=2"].after is None
+    # the default: the quickstart and the real-data studies only
+    assert {j.study for j in plan(tmp_path / "default")} == {"quickstart", *STUDIES}
+    with pytest.raises(ConfigError, match="real_transfer fine-tunes real_table8's"):
+        plan(tmp_path, studies=("real_transfer",))
 
 
 def test_plan_skips_finished_jobs_and_resumes_interrupted_ones(tmp_path: Path):
@@ -87,7 +101,7 @@ def test_claims_follow_their_rules():
         ("vit_tiny_p8", "60000"): cell(0.74, 0.76, images=60000),
     }
     claims = judge(table8, scaling, FIGURES, "digits/10shot")
-    assert [c.held for c in claims] == [True, True, True, True, True]
+    assert [c.held for c in claims] == [True, True, True, True, True, None]
     assert "gap +0.1000" in claims[0].measured
     assert "+0.2000 at 2000 images, +0.0000 at 60000" in claims[4].measured
 
@@ -102,9 +116,20 @@ def test_claims_follow_their_rules():
         },
     }
     scaling[("vit_tiny_p8", "60000")] = cell(0.4, 0.4, images=60000)
-    assert [c.held for c in judge(table8, scaling, flat, "m")] == [False] * 5
+    assert [c.held for c in judge(table8, scaling, flat, "m")] == [False] * 5 + [None]
     # and a claim without its runs is "not run", never a verdict
-    assert [c.verdict for c in judge({}, {}, None, "m")] == ["not run"] * 5
+    assert [c.verdict for c in judge({}, {}, None, "m")] == ["not run"] * 6
+
+
+def test_pretraining_transfers_when_the_paired_gain_beats_two_standard_errors():
+    from vitexp.claims import pretraining_transfers
+
+    held = pretraining_transfers({0: (0.90, 0.85), 1: (0.91, 0.86), 2: (0.89, 0.85)})
+    assert held.held is True and "paired gain +0.0467" in held.measured
+    noisy = pretraining_transfers({0: (0.90, 0.85), 1: (0.86, 0.88), 2: (0.89, 0.85)})
+    assert noisy.held is False
+    assert pretraining_transfers({0: (0.90, 0.80), 1: (0.91, 0.80)}).held is False  # 2 seeds
+    assert pretraining_transfers({0: (0.9, 0.8)}).verdict == "not run"
 
 
 def controlled(cell_: Cell, *controls: float) -> Cell:
@@ -222,8 +247,11 @@ def test_reproduce_runs_resumes_and_writes_a_self_contained_report(tmp_path: Pat
     page = check_page(out / "report.html")
     assert len(page.images) == 1 + 4  # the Table-8 chart and the 4 figures (no scaling run)
     claims = json.loads((out / "claims.json").read_text())
-    assert [c["verdict"] for c in claims][-1] == "not run"  # no data-size study ran
-    assert all(c["verdict"] in ("held", "did not hold") for c in claims[:4])
+    verdicts = [c["verdict"] for c in claims]
+    assert verdicts[4:] == ["not run"] * 2  # no data-size or transfer study ran
+    # one seed: the probe's gain over random init cannot count, so claims 1-2 wait for seeds
+    assert verdicts[:2] == ["probe cannot tell"] * 2 and "n=1" in claims[0]["measured"]
+    assert all(v in ("held", "did not hold") for v in verdicts[2:4])
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]

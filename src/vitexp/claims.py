@@ -11,6 +11,9 @@
    patches, and to the same row/column minus to the others, are both positive.
 5. ViT needs more data than a CNN: (CNN - ViT) few-shot accuracy is larger at the smallest
    pretraining subset than at the largest (the gap closes, or turns, as data grows).
+6. pretraining transfers: fine-tuned from dataset A minus trained from scratch, dataset B
+   test accuracy at equal budget, paired by seed; holds when the gain is more than two
+   standard errors over at least 3 seeds.
 
 A claim whose runs are missing is "not run"; numbers are never invented for it.
 
@@ -190,7 +193,32 @@ def vit_needs_more_data(cells: dict, metric: str) -> Claim:
     )
 
 
-def judge(table8: dict | None, scaling: dict | None, figures: dict | None, metric: str) -> list:
+def pretraining_transfers(pairs: dict[int, tuple[float, float]] | None) -> Claim:
+    """pairs: seed -> (dataset B test accuracy fine-tuned from A, from scratch)."""
+    paper = "pre-training on a larger related dataset, then fine-tuning, beats the target alone"
+    if not pairs or len(pairs) < 2:
+        return Claim("Pretraining transfers", paper, "not run", None)
+    gains = [tuned - scratch for tuned, scratch in pairs.values()]
+    mean = statistics.fmean(gains)
+    se = statistics.stdev(gains) / math.sqrt(len(gains))
+    tuned = statistics.fmean(t for t, _ in pairs.values())
+    scratch = statistics.fmean(s for _, s in pairs.values())
+    measured = (
+        f"dataset B test accuracy over seeds {sorted(pairs)}: fine-tuned {tuned:.4f}, from "
+        f"scratch {scratch:.4f}; paired gain {mean:+.4f} (2 SE = {2 * se:.4f})"
+    )
+    return Claim(
+        "Pretraining transfers", paper, measured, len(gains) >= MIN_SEEDS and mean > 2 * se
+    )
+
+
+def judge(
+    table8: dict | None,
+    scaling: dict | None,
+    figures: dict | None,
+    metric: str,
+    transfer: dict[int, tuple[float, float]] | None = None,
+) -> list:
     """Every claim, in the README's order."""
     table8, scaling = table8 or {}, scaling or {}
     return [
@@ -199,4 +227,5 @@ def judge(table8: dict | None, scaling: dict | None, figures: dict | None, metri
         distance_grows(figures),
         position_structure(figures),
         _unless_blind(vit_needs_more_data(scaling, metric), scaling),
+        pretraining_transfers(transfer),
     ]

@@ -101,38 +101,58 @@ def quickstart_section(out: Path) -> str:
     return "<h2>Quickstart: pretrain, fine-tune, baselines</h2>" + body
 
 
-def table8_section(out: Path, cells: dict, metric: str) -> str:
+DATASETS = {  # study -> (what dataset A is, its test accuracy note)
+    "real_table8": "Fashion-MNIST's 6 classes of dataset A (chance 0.167)",
+    "real_scaling": "Fashion-MNIST's 6 classes of dataset A",
+    "table8": "shapes; 32 classes, chance 0.031; without a position embedding at most 0.25: "
+    "a quadrant is a class",
+    "data_scaling": "shapes",
+}
+
+
+def table8_section(out: Path, study: str, cells: dict, metric: str) -> str:
+    from vitexp.claims import gain, probe_tells
     from vitexp.report import COLUMNS, PAPER, ROWS, rows_in
 
     head = [f"{p}: {s}" for p in COLUMNS.values() for s in ("mean", "std")]
-    rows, test_rows, paper_rows = [], [], []
+    rows, control_rows, test_rows, paper_rows = [], [], [], []
     for kind in rows_in(cells):
-        few, test, paper = [], [], []
+        few, control, test, paper = [], [], [], []
         for placement in COLUMNS:
             c = cells.get((kind, placement))
+            g = gain(c) if c else None
             few += [num(c.mean if c else None), num(c.std if c else None)]
+            control += [num(g[0] if g else None), num(g[1] if g else None)]
             test += [num(c.test_mean if c else None), num(c.test_std if c else None)]
             paper.append(num(PAPER.get((kind, placement)), 5))
         rows.append((ROWS[kind], few))
+        control_rows.append((ROWS[kind], control))
         test_rows.append((ROWS[kind], test))
         paper_rows.append((ROWS[kind], paper))
+    title = "Table 8 on real data" if study.startswith("real") else "Table 8 on the embedded data"
     return (
-        "<h2>Table 8: position embeddings</h2>"
+        f"<h2>{title}: position embeddings</h2>"
         f"<p>Few-shot linear accuracy on dataset B ({esc(metric)}), mean and std over seeds "
         "(N/A: the paper's N/A cells, or no finished run).</p>"
         + table(head, rows, "Pos. Emb.")
-        + "<p>Test accuracy on dataset A (shapes; 32 classes, chance 0.031; without a "
-        "position embedding at most 0.25: a quadrant is a class).</p>"
+        + "<p>The control: each trained run's gain over the same probe on its own random "
+        "initialisation (mean, and standard error over seeds). "
+        f"{esc(probe_tells(cells)[1])}.</p>"
+        + table([h.replace("std", "SE") for h in head], control_rows, "Pos. Emb.")
+        + f"<p>Test accuracy on dataset A ({esc(DATASETS.get(study, study))}).</p>"
         + table(head, test_rows, "Pos. Emb.")
         + "<p>The paper's Table 8 (ViT-B/16 on JFT, 5-shot ImageNet linear).</p>"
         + table(list(COLUMNS.values()), paper_rows, "Pos. Emb.")
-        + img(out / "table8" / "table.png", "Table 8 chart")
+        + img(out / study / "table.png", "Table 8 chart")
     )
 
 
-def scaling_section(out: Path, cells: dict, metric: str) -> str:
+def scaling_section(out: Path, study: str, cells: dict, metric: str) -> str:
+    from vitexp.claims import gain, probe_tells
+
     rows = []
     for key, c in cells.items():
+        g = gain(c)
         rows.append(
             (
                 f"{key[0]}, subset {key[-1]}",
@@ -140,17 +160,57 @@ def scaling_section(out: Path, cells: dict, metric: str) -> str:
                     num(c.images),
                     num(c.mean),
                     num(c.std),
+                    num(g[0] if g else None),
+                    num(g[1] if g else None),
                     num(c.test_mean),
                     num(c.test_std),
                     num(len(c.values)),
                 ],
             )
         )
-    head = ["train images", f"{metric} mean", "std", "dataset A test mean", "std", "seeds"]
+    head = [
+        "train images",
+        f"{metric} mean",
+        "std",
+        "gain over random init",
+        "SE",
+        "dataset A test mean",
+        "std",
+        "seeds",
+    ]
+    where = "real data" if study.startswith("real") else "the embedded data"
     return (
-        "<h2>Data size: ViT against the BiT ResNet (Figure 4)</h2>"
+        f"<h2>Data size on {where}: ViT against the BiT ResNet (Figure 4)</h2>"
+        f"<p>Dataset A: {esc(DATASETS.get(study, study))}. {esc(probe_tells(cells)[1])}.</p>"
         + table(head, rows, "model, data.subset")
-        + img(out / "data_scaling" / "table.png", "data scaling chart")
+        + img(out / study / "table.png", "data scaling chart")
+    )
+
+
+def transfer_pairs(out: Path) -> dict[int, tuple[float, float]]:
+    """seed -> (dataset B test accuracy fine-tuned from A, from scratch), where both ran."""
+    pairs = {}
+    for tuned in sorted((out / "real_transfer").glob("init=pretrained,seed=*/results.json")):
+        seed = int(tuned.parent.name.rsplit("=", 1)[1])
+        scratch = read_json(out / "real_transfer" / f"init=scratch,seed={seed}" / "results.json")
+        a = read_json(tuned)
+        if a and scratch and a.get("status") == scratch.get("status") == "done":
+            pairs[seed] = (a["metrics"]["test/acc"], scratch["metrics"]["test/acc"])
+    return pairs
+
+
+def transfer_section(pairs: dict[int, tuple[float, float]]) -> str:
+    if not pairs:
+        return ""
+    rows = [
+        (f"seed {seed}", [num(tuned), num(scratch), num(tuned - scratch)])
+        for seed, (tuned, scratch) in sorted(pairs.items())
+    ]
+    return (
+        "<h2>Transfer on real data: fine-tuned from dataset A against from scratch</h2>"
+        "<p>Dataset B (Fashion-MNIST's other 4 classes, 2,000 training images), test "
+        "accuracy on its 4,000 test images; the same model, steps and schedule.</p>"
+        + table(["fine-tuned from A", "from scratch", "gain"], rows, "seed")
     )
 
 
@@ -233,25 +293,42 @@ def configs_section(out: Path, jobs: list) -> str:
 
 def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -> Path:
     """Write out/report.html (and claims.json) from the finished studies' summaries
-    (`vitexp.report.SweepSummary` by study name)."""
-    t8, sc = studies.get("table8"), studies.get("data_scaling")
+    (`vitexp.report.SweepSummary` by study name). The claims are judged on the real-data
+    studies where they ran, else on the embedded ones."""
+    t8_name = "real_table8" if "real_table8" in studies else "table8"
+    sc_name = "real_scaling" if "real_scaling" in studies else "data_scaling"
+    t8, sc = studies.get(t8_name), studies.get(sc_name)
     t8_cells, t8_metric = (t8.cells, t8.metric) if t8 else ({}, None)
     sc_cells, sc_metric = (sc.cells, sc.metric) if sc else ({}, None)
     metric = t8_metric or sc_metric or "few-shot"
     figures = read_json(out / "quickstart" / "pretrain" / "figures" / "figures.json")
-    claims = judge(t8_cells, sc_cells, figures, metric)
+    pairs = transfer_pairs(out)
+    claims = judge(t8_cells, sc_cells, figures, metric, pairs)
     write_atomic(
         out / "claims.json",
         json.dumps([{**c.__dict__, "verdict": c.verdict} for c in claims], indent=2) + "\n",
     )
+
+    def sweep(name: str) -> str:
+        if name not in studies:
+            return ""
+        section = table8_section if name.endswith("table8") else scaling_section
+        return section(out, name, studies[name].cells, studies[name].metric or "few-shot")
+
     body = [
-        f"<h1>vitexp: the ViT paper's experiments on the embedded data</h1>"
+        f"<h1>vitexp: the ViT paper's experiments, on real data and the embedded data</h1>"
         f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M')} by `make reproduce` "
-        f"({esc(out)}). Dataset A: procedural shapes; dataset B: scikit-learn digits.</p>",
+        f"({esc(out)}). Real data: Fashion-MNIST, dataset A its classes T-shirt/top, "
+        "Trouser, Dress, Sandal, Shirt, Bag; dataset B the other 4. Embedded data: "
+        "procedural shapes (A) and scikit-learn digits (B). The claims are judged on "
+        f"{'the real data' if t8_name.startswith('real') else 'the embedded data'}.</p>",
         claims_section(claims),
+        sweep("real_table8"),  # the real data's tables first
+        sweep("real_scaling"),
+        transfer_section(pairs),
         quickstart_section(out),
-        table8_section(out, t8_cells, t8_metric or "few-shot"),
-        scaling_section(out, sc_cells, sc_metric or "few-shot"),
+        sweep("table8"),
+        sweep("data_scaling"),
         recipes_section(out),
         figures_section(out),
         timing_section(out, jobs, timing),

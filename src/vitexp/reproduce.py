@@ -1,11 +1,15 @@
 """`make reproduce` / `python -m vitexp.reproduce [--out DIR] [--jobs N] [--seeds N]`: every
-experiment of the paper on the embedded data, then one self-contained report.html.
+experiment of the paper, on real data (Fashion-MNIST) and on the embedded data, then one
+self-contained report.html. The claims are judged on the real data.
 
-    quickstart/    pretrain (shapes, with the four figures), finetune (digits), scratch
-    table8/        the ablation_posemb preset's sweep x 3 seeds (the paper's Table 8)
-    data_scaling/  the data_scaling preset's sweep x 2 seeds (the paper's Figure 4)
-    recipes/       only with --studies recipes: AugReg levels and EMA (vitexp.recipes)
-    report.html    tables, plots, figures, the claims' numbers, configs and timings
+    quickstart/     pretrain (shapes, with the four figures), finetune (digits), scratch
+    real_table8/    fashion_table8 x 3 seeds: Table 8 on Fashion-MNIST (6 classes -> 4)
+    real_scaling/   fashion_scaling x 2 seeds: Figure 4 on Fashion-MNIST, ViT vs BiT
+    real_transfer/  fashion_finetune from real_table8's 1-D stem runs vs fashion_scratch
+    table8/         opt-in: the ablation_posemb preset x 3 seeds (Table 8 on shapes/digits)
+    data_scaling/   opt-in: the data_scaling preset x 2 seeds (Figure 4 on shapes/digits)
+    recipes/        opt-in: AugReg levels and EMA (vitexp.recipes)
+    report.html     tables, plots, figures, the claims' numbers, configs and timings
 
 Each job is one `python -m vitexp.train` run in its own fixed directory, so the command is
 resumable: a job whose directory holds results.json is skipped, one that holds
@@ -36,8 +40,15 @@ from vitexp.errors import ConfigError, Interrupted
 from vitexp.files import write_atomic
 
 # study -> (preset, seeds): 3 seeds for Table 8, 2 for the data-size study (its BiT runs
-# cost twice the ViT's; the whole command stays under 90 min on 2 cores)
-SWEEPS = {"table8": ("ablation_posemb", 3), "data_scaling": ("data_scaling", 2)}
+# cost twice the ViT's)
+SWEEPS = {
+    "real_table8": ("fashion_table8", 3),
+    "real_scaling": ("fashion_scaling", 2),
+    "table8": ("ablation_posemb", 3),
+    "data_scaling": ("data_scaling", 2),
+}
+TRANSFER_SEEDS = 3
+TRANSFER_FROM = "real_table8/kind=learned_1d,placement=stem"  # + ,seed=N: fashion_pretrain
 RESULTS = "results.json"
 
 
@@ -119,9 +130,10 @@ def quickstart_jobs(out: Path) -> list[Job]:
     ]
 
 
-STUDIES = ("quickstart", *SWEEPS)  # `make reproduce`'s default
-# opt-in (--studies recipes): AugReg levels x seeds, each pretraining fine-tuned (vitexp.recipes)
-OPTIONAL_STUDIES = ("recipes",)
+STUDIES = ("quickstart", "real_table8", "real_scaling", "real_transfer")  # the default
+# opt-in: the embedded data's Table 8 and data size (the fast path of earlier versions), and
+# AugReg levels x seeds, each pretraining fine-tuned (vitexp.recipes)
+OPTIONAL_STUDIES = ("table8", "data_scaling", "recipes")
 
 
 def seed_of(job: Job) -> str:
@@ -146,6 +158,28 @@ def recipe_jobs(out: Path, seeds: int | None) -> list[Job]:
     return pretrain + finetune
 
 
+def transfer_jobs(out: Path, seeds: int | None) -> list[Job]:
+    """Per seed: fine-tune real_table8's 1-D stem run of that seed (= fashion_pretrain) on
+    dataset B, and the same run from random initialisation."""
+    jobs = []
+    for seed in range(seeds or TRANSFER_SEEDS):
+        source = f"{TRANSFER_FROM},seed={seed}"
+        jobs += [
+            Job(
+                "real_transfer",
+                f"init=pretrained,seed={seed}",
+                ["+experiment=fashion_finetune", f"pretrained='{out / source}'", f"seed={seed}"],
+                after=source,
+            ),
+            Job(
+                "real_transfer",
+                f"init=scratch,seed={seed}",
+                ["+experiment=fashion_scratch", f"seed={seed}"],
+            ),
+        ]
+    return jobs
+
+
 def plan(
     out: Path, seeds: int | None = None, studies=STUDIES, extra: tuple[str, ...] = ()
 ) -> list[Job]:
@@ -160,11 +194,17 @@ def plan(
     unknown = [s for s in studies if s not in known]
     if unknown:
         raise ConfigError(f"--studies {','.join(unknown)}: choose from {','.join(known)}")
+    if "real_transfer" in studies and "real_table8" not in studies:
+        raise ConfigError(
+            "--studies real_transfer fine-tunes real_table8's 1-D runs; add real_table8"
+        )
     with config_dir():
         jobs = quickstart_jobs(out) if "quickstart" in studies else []
         for study, (preset, own_seeds) in SWEEPS.items():
             if study in studies:
                 jobs += sweep_jobs(study, preset, seeds or own_seeds)
+        if "real_transfer" in studies:
+            jobs += transfer_jobs(out, seeds)
         if "recipes" in studies:
             jobs += recipe_jobs(out, seeds)
         for job in jobs:

@@ -59,6 +59,8 @@ SIZES: dict[str, tuple[str, dict[str, Any]]] = {
     # to unit-scale patch tokens, 0.02 left 4 of 18 Table-8 runs (700 steps) on the
     # position-blind plateau (val 0.29-0.41); with 0.125 the same 4 reached 0.63-0.69 (val).
     "vit_tiny_p8": vit(64, 4, 4, 8, img_size=32, pos_embed={"init_std": 0.125}),
+    # the real-data studies (Fashion-MNIST, 28 px): the same model, 7 px patches, 16 tokens
+    "vit_tiny_p7": vit(64, 4, 4, 7, img_size=28, pos_embed={"init_std": 0.125}),
     # BiT ResNet-v2 (the paper's CNN baseline; BiT-L, its Table 2 column, is R152x4)
     "bit_r50x1": bit((3, 4, 6, 3)),
     "bit_r101x1": bit((3, 4, 23, 3)),
