@@ -144,3 +144,18 @@ def test_data_classes_keeps_some_classes_relabelled_in_the_order_given(fake, now
         module(root=str(fake), classes=["Shirt", "Hat"])
     with pytest.raises(DataError, match=r"names a class twice"):
         module(root=str(fake), classes=["Shirt", 6])
+
+
+def test_a_run_is_placed_between_the_published_numbers():
+    from vitexp.baselines import beside_published
+
+    line = beside_published(0.9001, "fashion_mnist")
+    assert line == (
+        "fashion_mnist test accuracy 0.9001: above RBF SVC, C=10 (sklearn benchmark) 0.897, "
+        "below 2 conv + pooling (TensorFlow tutorial) 0.916 (published)"
+    )
+    assert "above WRN40-4" in beside_published(0.99, "fashion_mnist")
+    assert beside_published(0.5, "fashion_mnist").endswith(
+        "below human (crowd, no fashion expertise) 0.835 (published)"
+    )
+    assert beside_published(0.9, "digits") is None

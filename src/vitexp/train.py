@@ -203,7 +203,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         if baselines is not None:
             log.info("%s", side_by_side(results["metrics"]["test/acc"], baselines, c.data.name))
         published = beside_published(results["metrics"]["test/acc"], c.data.source)
-        if published and c.data.subset is None:
+        if published and c.data.subset is None and c.data.classes is None:  # the whole set
             log.info("%s", published)
     rundir.stop_logging_to_file()
     return results

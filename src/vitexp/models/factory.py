@@ -61,6 +61,8 @@ SIZES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_tiny_p8": vit(64, 4, 4, 8, img_size=32, pos_embed={"init_std": 0.125}),
     # the real-data studies (Fashion-MNIST, 28 px): the same model, 7 px patches, 16 tokens
     "vit_tiny_p7": vit(64, 4, 4, 7, img_size=28, pos_embed={"init_std": 0.125}),
+    # Fashion-MNIST from scratch (experiment=fashion_mnist): 4 px patches, 49 tokens, GAP
+    "vit_tiny_p4": vit(64, 4, 4, 4, img_size=28, pool="gap", pos_embed={"init_std": 0.125}),
     # BiT ResNet-v2 (the paper's CNN baseline; BiT-L, its Table 2 column, is R152x4)
     "bit_r50x1": bit((3, 4, 6, 3)),
     "bit_r101x1": bit((3, 4, 23, 3)),
