@@ -180,6 +180,8 @@ def test_a_damaged_compile_cache_names_its_folder_and_the_fix(tmp_path: Path):
 
 
 def test_the_damaged_cache_is_told_from_other_compile_errors(tmp_path: Path, monkeypatch):
+    import torch._inductor  # noqa: F401 - as after a torch.compile
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     so = f"{tmp_path}/qm/cqmuk75zz.main.so"
     cut = ImportError(f"{so}: file too short")

@@ -131,7 +131,7 @@ DAMAGED_FILE = re.compile(r"\.so\S*: (file too short|cannot read file data|inval
 def damaged_compile_cache(err: BaseException) -> str | None:
     """The inductor cache folder, when `err` (torch.compile's BackendCompilerFailed or
     InductorError, any depth) comes from a file of that cache that could not be loaded."""
-    if "torch" not in sys.modules:
+    if "torch._inductor" not in sys.modules:  # torch.compile never ran: not its error
         return None
     folder = inductor_cache_dir()
     seen: list[BaseException] = []
