@@ -146,7 +146,8 @@ def _run(cfg: DictConfig, hydra_dir: Path | None, attempt: rundir.Attempt) -> di
         if c.logger.name == "wandb" and not (run_dir / "wandb_id.txt").is_file():
             write_atomic(run_dir / "wandb_id.txt", trainer.logger.version)
 
-    fit(trainer, module, data, run_dir, resume)
+    # a stop by signal (SIGTERM, preemption, Ctrl-C) from here on ends in `stopped`
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     # with ema.decay, the model now holds the average: test, few-shot and figures are of it
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
@@ -238,12 +239,6 @@ def check_data(c: TrainConfig, data: Any) -> None:
             "batches of an epoch; lower it, or set trainer.check_val_every_n_epoch=null to "
             "count the interval in steps across epochs"
         )
-
-
-def fit(trainer: L.Trainer, module: nn.Module, data: Any, run_dir: Path, resume: Path | None):
-    """`trainer.fit`, resuming from `resume`; a stop by signal (SIGTERM, preemption, Ctrl-C)
-    ends in `stopped`, with the checkpoint it kept."""
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
 
 
 def stopped(err: BaseException, attempt: rundir.Attempt) -> BaseException | None:
