@@ -14,6 +14,8 @@ Preemption, who does what (one owner each, so that nothing is requeued twice):
   the middle of a step) is switched off.
 - A requeued job (SLURM_RESTART_COUNT > 0) resumes from its run directory's last.ckpt
   without being told (`vitexp.rundir.resolve_run_dir`).
+- Until a training batch has finished there is nothing to save: SIGTERM and Ctrl-C stop at
+  once (`Terminated`, KeyboardInterrupt), and `vitexp.stopping` says so in one line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vitexp.checkpoint import SHARDED_META, checkpoint_exists, is_sharded, remove_path
+from vitexp.errors import Terminated
 
 log = logging.getLogger("vitexp")
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -89,13 +92,32 @@ class PreemptionCheckpoint(L.Callback):
     The save happens at the first of Lightning's own checkpoint points after the signal (end
     of the training batch, of the epoch, of a validation), whose state Lightning restores
     exactly; the exception handler saves only if the run stopped before reaching one.
+    Until a training batch has finished there is nothing to save: SIGTERM and Ctrl-C stop at
+    once (Lightning would run on through the sanity check, a first torch.compile and step).
     """
 
     def __init__(self, last_ckpt: Path) -> None:
         self.last_ckpt = Path(last_ckpt)
         self.received: int | None = None
         self.saved_step: int | None = None
+        self.batches = 0  # training batches finished in this attempt
         self._previous: dict[int, object] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_term)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if signal.SIGTERM in self._previous:
+            signal.signal(signal.SIGTERM, self._previous.pop(signal.SIGTERM))
+
+    def _on_term(self, signum: int, frame) -> None:
+        """Lightning's handler calls this one after its own: leave it the stop at the end of
+        this batch, unless nothing would be saved there."""
+        by_lightning = signal.getsignal(signal.SIGTERM) != self._on_term
+        if not (by_lightning and (self.batches or self.received in PREEMPTION_SIGNALS)):
+            raise Terminated
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -119,6 +141,8 @@ class PreemptionCheckpoint(L.Callback):
         """Ctrl-C: stop like SIGTERM, at the end of this batch, saving last.ckpt; a second
         Ctrl-C stops at once (Python's KeyboardInterrupt)."""
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not self.batches:
+            raise KeyboardInterrupt  # nothing to save yet
         if self.received is None:
             print(
                 "\nCtrl-C: stopping after this batch and saving checkpoints/last.ckpt "
@@ -135,7 +159,7 @@ class PreemptionCheckpoint(L.Callback):
         return self.received == signal.SIGINT
 
     def _save(self, trainer: L.Trainer) -> None:
-        if self.saved_step != trainer.global_step:
+        if self.saved_step != trainer.global_step and trainer.global_step > 0:
             trainer.save_checkpoint(self.last_ckpt, weights_only=False)
             self.saved_step = trainer.global_step
             log.warning("saved %s at step %d", self.last_ckpt, trainer.global_step)
@@ -145,6 +169,7 @@ class PreemptionCheckpoint(L.Callback):
             self._save(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self.batches += 1
         self._save_if_stopping(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -155,6 +180,7 @@ class PreemptionCheckpoint(L.Callback):
             self._save_if_stopping(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        self.on_fit_end(trainer, pl_module)
         if not isinstance(exception, SIGTERMException):
             return
         self._save(trainer)  # a no-op when a checkpoint point above already saved this step

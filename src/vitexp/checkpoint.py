@@ -304,26 +304,43 @@ def run_dir_of(checkpoint: str | Path) -> Path:
 
 
 def resolve_pretrained(path: str | Path) -> Path:
-    """`pretrained=` as given: a checkpoint (file or sharded directory), a run directory
-    (its checkpoints/last.ckpt) or a directory of runs, e.g. outputs/pretrain_in21k (the
-    newest finished run's last.ckpt, as `ckpt_path=last` picks the newest run)."""
+    """`pretrained=` as every command takes it: a checkpoint (a file, vitexp's or timm's, or a
+    sharded directory), a run directory (its checkpoints/last.ckpt, else its newest
+    best-*.ckpt) or a directory of runs, e.g. outputs/pretrain_in21k (the newest finished
+    run's, as `ckpt_path=last` picks the newest run). An existing path that holds none of
+    these is named as such, not as missing."""
     path = Path(path)
     if checkpoint_exists(path):
         return path
-    if checkpoint_exists(path / "checkpoints" / "last.ckpt"):
-        return path / "checkpoints" / "last.ckpt"
-    finished = [
-        run / "checkpoints" / "last.ckpt"
-        for run in (path.iterdir() if path.is_dir() else [])
-        if (run / "results.json").is_file() and checkpoint_exists(run / "checkpoints/last.ckpt")
-    ]
-    if not finished:
+    if not path.exists():
+        raise CheckpointError(f"pretrained={path} does not exist")
+    own = run_checkpoint(path)
+    if own is not None:
+        return own
+    runs = [run for run in sorted(path.iterdir()) if run_checkpoint(run) is not None]
+    finished = [run for run in runs if (run / "results.json").is_file()]
+    if finished:
+        newest = max(finished, key=lambda run: (run / "results.json").stat().st_mtime)
+        return run_checkpoint(newest)
+    if runs:  # an unfinished pretraining is used only when named: pretrained=RUN
         raise CheckpointError(
-            f"pretrained={path} does not exist or holds no finished run (a run directory "
-            "with results.json and checkpoints/last.ckpt); pretrain first, or give "
-            "pretrained=PATH to a checkpoint"
+            f"pretrained={path} holds no finished run: no results.json in "
+            f"{', '.join(r.name for r in runs)}; to use an unfinished one, name it: "
+            f"pretrained={runs[-1]}"
         )
-    return max(finished, key=lambda p: (p.parent.parent / "results.json").stat().st_mtime)
+    raise CheckpointError(
+        f"pretrained={path} holds no checkpoint: expected a .ckpt file, a run directory with "
+        "checkpoints/, or a directory of runs"
+    )
+
+
+def run_checkpoint(run: Path) -> Path | None:
+    """A run directory's checkpoint: checkpoints/last.ckpt, else the newest best-*.ckpt."""
+    last = run / "checkpoints" / "last.ckpt"
+    if checkpoint_exists(last):
+        return last
+    best = [p for p in run.glob("checkpoints/best-*.ckpt") if checkpoint_exists(p)]
+    return max(best, key=lambda p: p.stat().st_mtime) if best else None
 
 
 def load_pretrained(path: str | Path, model: nn.Module, weights: str = "averaged") -> dict:

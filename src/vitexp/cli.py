@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vitexp.errors import is_user_error
+from vitexp.errors import Terminated, is_user_error
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -138,22 +140,39 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def stop_on_sigterm() -> None:
+    """From the first line on, SIGTERM raises `Terminated` (a KeyboardInterrupt, as Ctrl-C
+    does) instead of ending the process without a word: the command says what it kept and
+    exits 143. Inside `trainer.fit` Lightning's handler takes over (and calls this one too,
+    which then leaves the stop to it)."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:  # not called by Lightning's
+        raise Terminated
+
+
 def run_cli(entry: Callable[[], object]) -> None:
     """Run a Hydra (or plain) entry point; print one line and exit non-zero on failure."""
     user_full = wants_traceback()
     if not user_full:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise instead of printing
         os.environ[FORCED] = "1"
+    stop_on_sigterm()
     try:
         entry()
-    except KeyboardInterrupt:
-        print(
-            "error: stopped at once by Ctrl-C; checkpoints are never left half-written: "
-            "where a run has checkpoints/last.ckpt, resume it with ckpt_path=last",
-            file=sys.stderr,
-            flush=True,
+    except KeyboardInterrupt as err:  # its text, where it has one, says what was kept
+        sigterm = isinstance(err, Terminated)
+        said = str(err) or (
+            f"stopped at once by {'SIGTERM' if sigterm else 'Ctrl-C'}; checkpoints are never "
+            "left half-written: where a run has checkpoints/last.ckpt, resume it with "
+            "ckpt_path=last"
         )
-        sys.exit(130)
+        print(f"error: {said}", file=sys.stderr, flush=True)
+        sys.exit(143 if sigterm else 130)
     except Exception as err:
         exit_with(err)
 

@@ -44,6 +44,12 @@ class Interrupted(VitexpError):
             self.exit_code = exit_code  # 130 = 128 + SIGINT for Ctrl-C
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where nothing stops gracefully (before a training step has finished, outside
+    `trainer.fit`): raised like Ctrl-C's KeyboardInterrupt, so that the run says what it kept
+    and exits 143 instead of vanishing (SIGTERM's default)."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """A problem the user can fix: printed as one line, exit with its own code."""
     return isinstance(err, VitexpError) or isinstance(getattr(err, "exit_code", None), int)

@@ -46,7 +46,7 @@ TIMM_FIRST_CONV = {"patch": "patch_embed.proj", "r50": "patch_embed.backbone.ste
 
 @dataclass
 class ExportCommandConfig:
-    pretrained: str | None = None  # a vitexp checkpoint
+    pretrained: str | None = None  # a checkpoint, a run directory or a directory of runs
     out: str | None = None  # a directory (created)
     format: str = "timm"
 
@@ -205,7 +205,7 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
 
 def export(c: ExportCommandConfig) -> list[Path]:
     """Write the chosen format and the model card into `c.out`; returns the files."""
-    from vitexp.checkpoint import read_model
+    from vitexp.checkpoint import read_model, resolve_pretrained
     from vitexp.model_card import write_model_card
 
     if not c.pretrained:
@@ -214,14 +214,15 @@ def export(c: ExportCommandConfig) -> list[Path]:
         raise ConfigError("out is not set; give a directory: out=exported/")
     if c.format not in FORMATS:
         raise ConfigError(f"format={c.format!r} is not allowed; choose one of {', '.join(FORMATS)}")
-    model, meta = read_model(c.pretrained, "pretrained")
+    checkpoint = resolve_pretrained(c.pretrained)
+    model, meta = read_model(checkpoint, "pretrained")
     if c.format == "timm":
         timm_model_args(model)  # a variant timm lacks stops before anything is written
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     writer = {"timm": export_timm, "torchscript": export_torchscript, "onnx": export_onnx}
     files = writer[c.format](model, meta, out)
-    files.append(write_model_card(Path(c.pretrained), model, meta, out, c.format))
+    files.append(write_model_card(checkpoint, model, meta, out, c.format))
     for path in files:
         print(f"-> {path}")
     return files

@@ -193,15 +193,15 @@ class FewShotCallback(L.Callback):
 # --- the command ---------------------------------------------------------------------------
 @dataclass
 class FewshotCommandConfig:
-    pretrained: str | None = None  # a vitexp checkpoint
-    out: str | None = None  # where fewshot.json goes (default: beside the checkpoint)
+    pretrained: str | None = None  # a checkpoint, a run directory or a directory of runs
+    out: str | None = None  # where fewshot.json goes (default: the checkpoint's run directory)
     data: DataConfig = field(default_factory=DataConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
 
 def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
     """Few-shot accuracy of a checkpoint's model on `c.data`; writes fewshot.json."""
-    from vitexp.checkpoint import read_model, weights_of
+    from vitexp.checkpoint import read_model, resolve_pretrained, run_dir_of, weights_of
     from vitexp.errors import ConfigError
     from vitexp.files import write_atomic
 
@@ -209,12 +209,13 @@ def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
     settings = FewshotConfig(**{**vars(c.fewshot), "data": c.data})
     validate_fewshot(settings, key="data", report=False)
-    model, meta = read_model(c.pretrained, "pretrained")
+    checkpoint = resolve_pretrained(c.pretrained)
+    model, meta = read_model(checkpoint, "pretrained")
     evaluator = FewShotEvaluator(settings, model.img_size, model.cfg.mean, model.cfg.std)
     scores = evaluator.evaluate(model)
-    out = Path(c.out) if c.out else Path(c.pretrained).parent / "fewshot.json"
+    out = Path(c.out) if c.out else run_dir_of(checkpoint) / "fewshot.json"
     report = {
-        "pretrained": str(c.pretrained),
+        "pretrained": str(checkpoint),
         "weights": weights_of(meta),
         "shots": list(settings.shots),
         "draws": settings.draws,

@@ -29,7 +29,7 @@ log = logging.getLogger("vitexp")
 
 @dataclass
 class PredictCommandConfig:
-    pretrained: str | None = None  # a vitexp checkpoint
+    pretrained: str | None = None  # a checkpoint, a run directory or a directory of runs
     images: Any = None  # a folder (searched recursively), an image file, or a list of them
     topk: int = 5
     out: str = "predictions.csv"
@@ -67,7 +67,7 @@ def predict(c: PredictCommandConfig) -> list[dict[str, Any]]:
     """Top-k predictions of every readable image; writes `c.out` and returns its rows."""
     from rich.progress import track
 
-    from vitexp.checkpoint import model_from, read_checkpoint
+    from vitexp.checkpoint import model_from, read_checkpoint, resolve_pretrained
     from vitexp.data.images import ImageDecoder
     from vitexp.data.transforms import build_transforms
     from vitexp.files import write_atomic
@@ -81,12 +81,12 @@ def predict(c: PredictCommandConfig) -> list[dict[str, Any]]:
     if c.on_corrupt not in ON_CORRUPT:
         raise ConfigError(f"on_corrupt={c.on_corrupt!r}: choose one of {', '.join(ON_CORRUPT)}")
     files = image_files(c.images)
-    content = read_checkpoint(c.pretrained, "pretrained")
-    model, meta = model_from(content, c.pretrained, "pretrained")
+    checkpoint = resolve_pretrained(c.pretrained)
+    content = read_checkpoint(checkpoint, "pretrained")
+    model, meta = model_from(content, checkpoint, "pretrained")
     if model.cfg.in_chans != 3:
         raise ConfigError(
-            f"pretrained={c.pretrained} takes {model.cfg.in_chans} channels; "
-            "predict reads RGB images"
+            f"pretrained={checkpoint} takes {model.cfg.in_chans} channels; predict reads RGB images"
         )
     loss = content.get("hyper_parameters", {}).get("loss", {}).get("name", "softmax")
     names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]

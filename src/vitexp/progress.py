@@ -69,7 +69,13 @@ HARMLESS_WARNINGS = (
     "The `srun` command is available on your system but is not used",  # any SLURM host
     "`isinstance(treespec, LeafSpec)` is deprecated",  # Lightning's own use of torch
 )
-CHATTY = ("lightning.pytorch", "lightning.fabric", "py.warnings")  # loggers routed by this
+# torch's notices that say nothing about the run, logged by torch: to train.log only
+FILE_ONLY = {
+    # a CPU-only torch where CUDA_HOME exists, when torch.compile builds its C++ kernels
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+FILE_ONLY_LOG = "vitexp-file-only"  # where they go: a logger with no console handler
+CHATTY = ("lightning.pytorch", "lightning.fabric", "py.warnings", FILE_ONLY_LOG)  # routed here
 EARLY = "vitexp-early"  # the buffer of what they say before train.log exists
 
 
@@ -85,11 +91,39 @@ class ConsoleFilter(logging.Filter):
         return True
 
 
+class FileOnly(logging.Filter):
+    """On one of torch's loggers: hand its notice (FILE_ONLY) to train.log, not the console."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        logging.getLogger(FILE_ONLY_LOG).handle(record)
+        return False
+
+
+def route_file_only() -> None:
+    """FILE_ONLY's notices to FILE_ONLY_LOG, which has no console handler (a NullHandler
+    keeps Python's last-resort handler from printing them when train.log is closed)."""
+    target = logging.getLogger(FILE_ONLY_LOG)
+    target.propagate = False
+    if not target.handlers:
+        target.addHandler(logging.NullHandler())
+    for name, text in FILE_ONLY.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, FileOnly) for f in logger.filters):
+            logger.addFilter(FileOnly(text))
+
+
 def quiet_console() -> None:
     """Route library chatter away from the console (warnings become log records, so that
     they can be routed) and keep what it says before the run directory exists, for
     train.log (`vitexp.rundir.log_to_file` flushes it there)."""
     logging.captureWarnings(True)
+    route_file_only()
     # "lightning" has a console handler of its own, and its packages propagate to it (and
     # to the root logger, when they are imported after Hydra set that up): stop there, so
     # that each line reaches one console handler

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -132,6 +135,41 @@ def stop_logging_to_file(error: str | None = None) -> None:
     for name in logged():
         logging.getLogger(name).removeHandler(handler)
     handler.close()
+
+
+@dataclass
+class Attempt:
+    """What a run has set up so far: what a stop says it kept, and what it removes."""
+
+    ckpt_path: str | None = None  # as given, before the run directory is known
+    run_dir: Path | None = None
+    fresh: bool = False  # run_dir held nothing before: all it holds is this attempt's
+    trainer: Any = None
+
+
+def is_fresh(run_dir: Path, resume: Path | None) -> bool:
+    """A run directory that this process made (Hydra, at its start) and that holds nothing
+    yet: a stop may remove it."""
+    if resume is not None or not run_dir.is_dir():
+        return resume is None
+    return run_dir.stat().st_mtime >= _IMPORTED_AT and not any(run_dir.iterdir())
+
+
+def holds_value(run_dir: Path) -> bool:
+    """A checkpoint (not a half-written `.partial` one), results.json or failed.json."""
+    ckpts = run_dir / "checkpoints"
+    saved = ckpts.is_dir() and any(not p.name.startswith(".") for p in ckpts.iterdir())
+    return saved or any((run_dir / name).exists() for name in ("results.json", "failed.json"))
+
+
+def discard_if_worthless(attempt: Attempt) -> None:
+    """Remove the run directory of an attempt that stopped early, when it was fresh and
+    still holds nothing of value: only this attempt's config.yaml, train.log and logs."""
+    run_dir = attempt.run_dir
+    if run_dir is None or not attempt.fresh or not run_dir.is_dir() or holds_value(run_dir):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_new_empty_dirs(run_dir.parent)  # the date folder Hydra made for it, if empty
 
 
 def remove_new_empty_dirs(path: Path, since: float | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 from vitexp import rundir
 from vitexp.cli import in_multirun, one_line, run_cli, single_run_errors
 from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
-from vitexp.errors import ConfigError, Interrupted
+from vitexp.errors import ConfigError, Interrupted, Terminated
 from vitexp.files import write_atomic
 from vitexp.models import NotApplicableCell
 
@@ -39,9 +40,24 @@ log = logging.getLogger("vitexp")
 
 def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     """Validate, train, test; returns what results.json holds. Every check (config, data,
-    device, run directory, checkpoints) runs before the run directory gets any file."""
+    device, run directory, checkpoints) runs before the run directory gets any file. A stop
+    by signal or a damaged compile cache, wherever it lands, becomes one line
+    (`vitexp.stopping`)."""
+    attempt = rundir.Attempt()
+    try:
+        return _run(cfg, hydra_dir, attempt)
+    except BaseException as err:
+        stop = stopped(err, attempt)
+        if stop is None:
+            raise
+        raise stop from None
+
+
+def _run(cfg: DictConfig, hydra_dir: Path | None, attempt: rundir.Attempt) -> dict[str, Any]:
+    """`run`, recording in `attempt` what it has set up (for a stop's line and clean-up)."""
     start = time.time()
     c = validate(cfg)
+    attempt.ckpt_path = c.ckpt_path
     import lightning as L
 
     from vitexp.baselines import (
@@ -72,6 +88,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     check_data(c, data)  # missing or mismatched data is named before anything else
     check_device(c.trainer)
     run_dir, resume = rundir.resolve_run_dir(c, hydra_dir)
+    attempt.run_dir, attempt.fresh = run_dir, rundir.is_fresh(run_dir, resume)
 
     L.seed_everything(c.seed, workers=True, verbose=False)
     net = build_model(c.model, data.num_classes)
@@ -107,6 +124,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
 
         evaluator = FewShotEvaluator(c.fewshot, net.img_size, c.model.mean, c.model.std)
     trainer = build_trainer(c, run_dir, evaluator)
+    attempt.trainer = trainer
 
     # --- every check passed: now the run directory is written
     if run_dir != hydra_dir:
@@ -133,7 +151,8 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
         if c.logger.name == "wandb" and not (run_dir / "wandb_id.txt").is_file():
             write_atomic(run_dir / "wandb_id.txt", trainer.logger.version)
 
-    fit(trainer, module, data, run_dir, resume)
+    # a stop by signal (SIGTERM, preemption, Ctrl-C) from here on ends in `stopped`
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     # with ema.decay, the model now holds the average: test, few-shot and figures are of it
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     fewshot = evaluator.evaluate(net) if evaluator and trainer.is_global_zero else None
@@ -232,43 +251,27 @@ def check_data(c: TrainConfig, data: Any) -> None:
         )
 
 
-def fit(trainer: L.Trainer, module: nn.Module, data: Any, run_dir: Path, resume: Path | None):
-    """`trainer.fit`, with a stop by signal (SIGTERM, preemption, Ctrl-C) turned into one
-    line that says where the checkpoint is and how to resume."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+def stopped(err: BaseException, attempt: rundir.Attempt) -> BaseException | None:
+    """What a stop by signal, or a damaged compile cache, becomes: its line in train.log, the
+    run directory removed if it holds nothing of value, and the one-line error to raise
+    (None for any other error)."""
+    from vitexp.stopping import as_stop
 
-    from vitexp.callbacks import slurm_job_id
-
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-    except SIGTERMException:
-        by_user = _interrupted_by_user(trainer)
-        how = "interrupted (Ctrl-C)" if by_user else "stopped by a signal"
-        message = (
-            f"{how} at step {trainer.global_step}; {run_dir}/checkpoints/last.ckpt holds that "
-            "step: resume with ckpt_path=last"
-            + ("" if by_user else " (a requeued SLURM job resumes by itself)")
-        )
-        if slurm_job_id() and not by_user:  # SLURM requeues or cancels: no result for submitit
-            rundir.stop_logging_to_file(message)
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(Interrupted.exit_code)
-        raise Interrupted(message, exit_code=130 if by_user else Interrupted.exit_code) from None
-    except SystemExit:  # Lightning's exit after a second Ctrl-C (KeyboardInterrupt)
-        if not _interrupted_by_user(trainer):
-            raise
-        raise Interrupted(
-            "stopped at once by a second Ctrl-C; checkpoints/last.ckpt in "
-            f"{run_dir} is the last one saved (whole): resume with ckpt_path=last",
-            exit_code=130,
-        ) from None
-
-
-def _interrupted_by_user(trainer: L.Trainer) -> bool:
-    """Ctrl-C (vitexp.callbacks.PreemptionCheckpoint), not SIGTERM or preemption."""
-    from vitexp.callbacks import PreemptionCheckpoint
-
-    return any(isinstance(cb, PreemptionCheckpoint) and cb.interrupted for cb in trainer.callbacks)
+    stop = as_stop(err, attempt.run_dir, attempt.trainer, attempt.ckpt_path)
+    if stop is None:
+        return None
+    rundir.stop_logging_to_file(str(stop))
+    if is_rank_zero():
+        rundir.discard_if_worthless(attempt)
+    if stop.exit_code == Interrupted.exit_code and os.environ.get("SLURM_JOB_ID"):
+        # SLURM requeues or cancels the job: no result (a failed one) for submitit
+        print(f"error: {stop}", file=sys.stderr, flush=True)
+        sys.exit(Interrupted.exit_code)
+    if in_multirun() and isinstance(stop, Interrupted):
+        # the whole sweep stops (Hydra would go on to the next job after an Exception)
+        sweep_stop = Terminated if stop.exit_code == Interrupted.exit_code else KeyboardInterrupt
+        return sweep_stop(str(stop))
+    return stop
 
 
 def global_batch(c: TrainConfig, trainer: L.Trainer) -> int:

@@ -301,7 +301,7 @@ class FiguresCallback(L.Callback):
 # --- the command -----------------------------------------------------------------------------
 @dataclass
 class VisualizeCommandConfig:
-    pretrained: str | None = None  # a vitexp checkpoint
+    pretrained: str | None = None  # a checkpoint, a run directory or a directory of runs
     images: str | None = None  # a folder of images (default: scikit-learn's two samples)
     out: str | None = None  # default: <run dir>/figures beside checkpoints/
     layer: int | None = None  # position table / relative offsets of this layer (default last)
@@ -319,19 +319,20 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
     if c.max_images < 1:
         raise ConfigError(f"max_images={c.max_images} must be >= 1")
-    from vitexp.checkpoint import read_model
+    from vitexp.checkpoint import read_model, resolve_pretrained
 
-    model, meta = read_model(c.pretrained, "pretrained")
+    checkpoint = resolve_pretrained(c.pretrained)
+    model, meta = read_model(checkpoint, "pretrained")
     if not draws(model.cfg):
         raise ConfigError(
-            f"pretrained={c.pretrained} is a {model.cfg.name} model; the figures (attention, "
+            f"pretrained={checkpoint} is a {model.cfg.name} model; the figures (attention, "
             "patch filters, position embeddings) are drawn for ViT checkpoints only"
         )
     resolve_layer(c.layer, len(model.encoder.blocks))  # fail before reading any image
     images, names = load_images(c.images, model.img_size, model.cfg.in_chans, c.max_images)
     pngs, report = make_figures(model, images, names, model.cfg.mean, model.cfg.std, c.layer)
-    report = {"pretrained": str(c.pretrained), "weights": weights_of(meta), **report}
-    out = Path(c.out) if c.out else default_out(Path(c.pretrained))
+    report = {"pretrained": str(checkpoint), "weights": weights_of(meta), **report}
+    out = Path(c.out) if c.out else default_out(checkpoint)
     try:
         paths = write_figures(out, pngs, report)
     except OSError as err:
