@@ -477,3 +477,21 @@ def test_how_a_job_was_run_is_never_an_axis(tmp_path: Path):
     axes, recorded = find_axes(jobs)
     assert axes == ["model.pos_embed.kind"] and choose_view(axes, recorded, jobs) == "table8"
     assert report(tmp_path).cells[("learned_1d", "stem")].mean == pytest.approx(0.6)
+
+
+def test_the_control_table_and_the_probe_sentence(tmp_path: Path):
+    """Jobs that recorded their random initialisation's score get a control table and the
+    rule's sentence; a cell without a control makes the probe unable to tell."""
+    sweep = tmp_path / "sweep"
+    for num, (seed, value, init) in enumerate([(0, 0.60, 0.50), (1, 0.62, 0.51), (2, 0.61, 0.49)]):
+        write_job(sweep, num, "learned_1d", "stem", seed, value)
+        record = json.loads((sweep / str(num) / "results.json").read_text())
+        record["fewshot_init"] = {"digits/10shot": init}
+        (sweep / str(num) / "results.json").write_text(json.dumps(record))
+    report(sweep)
+    text = (sweep / "table.md").read_text()
+    assert "Random-init control" in text and "init 0.5000, gain +0.1100 ± 0.0058" in text
+    assert "The probe tells: all 1 trained cells beat their random initialisation" in text
+    write_job(sweep, 3, "none", "stem", 0, 0.40)  # a cell without a control
+    report(sweep)
+    assert "The probe cannot tell: 1 of 2 trained cells" in (sweep / "table.md").read_text()

@@ -394,26 +394,35 @@ def markdown(cells: dict, metric: str | None, jobs: list[Job]) -> str:
         f"Few-shot linear accuracy ({metric or 'no finished job yet'}), mean ± std over "
         f"seeds {seeds}; {len(done)} trained jobs.",
         "",
-        "| Pos. Emb. | " + " | ".join(COLUMNS.values()) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        *grid(cells, cell_text),
     ]
-    for kind in rows_in(cells):
-        row = [cell_text(kind, p, cells.get((kind, p))) for p in COLUMNS]
-        lines.append(f"| {ROWS[kind]} | " + " | ".join(row) + " |")
     if any(c.controls for c in cells.values()):
         lines += [
             "",
             "Random-init control: the same probe on each run's own initialisation, and the "
             "trained run's gain over it (mean ± standard error over seeds).",
             "",
-            "| Pos. Emb. | " + " | ".join(COLUMNS.values()) + " |",
-            "|---|" + "---|" * len(COLUMNS),
+            *grid(cells, control_text),
         ]
-        for kind in rows_in(cells):
-            row = [control_text(kind, p, cells.get((kind, p))) for p in COLUMNS]
-            lines.append(f"| {ROWS[kind]} | " + " | ".join(row) + " |")
-    lines += ["", probe_tells(cells)[1][0].upper() + probe_tells(cells)[1][1:] + "."]
+    lines += ["", sentence(probe_tells(cells)[1])]
     return "\n".join(lines) + "\n"
+
+
+def grid(cells: dict, text_of) -> list[str]:
+    """Table 8's markdown rows (kinds x placements), each cell `text_of(kind, placement,
+    cell)`."""
+    lines = [
+        "| Pos. Emb. | " + " | ".join(COLUMNS.values()) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for kind in rows_in(cells):
+        row = [text_of(kind, p, cells.get((kind, p))) for p in COLUMNS]
+        lines.append(f"| {ROWS[kind]} | " + " | ".join(row) + " |")
+    return lines
+
+
+def sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def control_text(kind: str, placement: str, cell: Cell | None) -> str:
@@ -606,8 +615,7 @@ def axes_markdown(s: Summary) -> str:
         row += [str(cell.statuses["running"])] * running + [str(cell.statuses["n/a"])] * na
         lines.append("| " + " | ".join(row) + " |")
     if s.fewshot:
-        tells = probe_tells(s.cells)[1]
-        lines += ["", tells[0].upper() + tells[1:] + "."]
+        lines += ["", sentence(probe_tells(s.cells)[1])]
     return "\n".join(lines) + "\n"
 
 
