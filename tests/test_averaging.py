@@ -77,9 +77,9 @@ def test_test_and_few_shot_use_the_average_and_the_raw_test_uses_the_trained(ave
     averaged, trained = (
         {k[4:]: v for k, v in s.items() if k.startswith("net.")} for s in states(last)
     )
-    # validations at steps 2, 4, 6, then the final few-shot of the average, then of the
-    # trained weights (`fewshot_raw`)
-    assert len(seen) == 5
+    # the random initialisation (the control, before step 1), validations at steps 2, 4,
+    # 6, then the final few-shot of the average, then of the trained weights (`fewshot_raw`)
+    assert len(seen) == 6
     for key, value in averaged.items():
         torch.testing.assert_close(seen[-2][key], value, rtol=0, atol=0)
         # the end-of-run validation saw the same average: its last.ckpt was written there
@@ -99,7 +99,7 @@ def test_validation_sees_the_average_of_its_step(averaged_run):
     best = next((run_dir / "checkpoints").glob("best-*.ckpt"))
     step = int(best.stem.split("=")[-1])
     averaged, trained = states(best)
-    at_step = seen[step // 2 - 1]  # validations every 2 steps
+    at_step = seen[step // 2]  # validations every 2 steps, after the control at init
     key = next(k for k in at_step if not torch.equal(averaged["net." + k], trained["net." + k]))
     torch.testing.assert_close(at_step[key], averaged["net." + key], rtol=0, atol=0)
 

@@ -112,7 +112,7 @@ FINETUNE = {
         SECTION_4_1["table_2_polyak"],
     ),
 }
-NOT_PAPER_PRESETS = ("quickstart_", "ablation_posemb", "data_scaling")
+NOT_PAPER_PRESETS = ("quickstart_", "ablation_posemb", "data_scaling", "fashion_")
 
 
 def table_3(model: str, dataset: str) -> tuple:
