@@ -159,3 +159,15 @@ def test_a_run_is_placed_between_the_published_numbers():
         "below human (crowd, no fashion expertise) 0.835 (published)"
     )
     assert beside_published(0.9, "digits") is None
+
+
+def test_the_baselines_command_fits_and_names_a_bad_override_in_one_line():
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "vitexp.baselines"]
+    bad = subprocess.run([*run, "data=nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "data=nope is not a known option" in bad.stderr
+    ok = subprocess.run([*run, "data=digits"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "logistic regression" in ok.stdout and "(here)" in ok.stdout

@@ -71,20 +71,28 @@ def beside_published(model_acc: float, source: str) -> str | None:
     return f"{source} test accuracy {model_acc:.4f}: {', '.join(parts)} (published)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     """`python -m vitexp.baselines [data=NAME] [data.key=value ...]`: the two baselines
-    fitted on a data config's splits, beside the published numbers."""
+    fitted on a data config's splits, beside the published numbers; a bad override or
+    missing data is one line (vitexp.cli.run_cli)."""
     import sys
+
+    from vitexp.cli import run_cli
+
+    run_cli(lambda: fit_and_print(list(sys.argv[1:] if argv is None else argv)))
+
+
+def fit_and_print(overrides: list[str]) -> None:
     import time
 
     from hydra import compose, initialize_config_dir
 
-    from vitexp.config import CONFIG_DIR, register_configs
+    from vitexp.config import CONFIG_DIR, register_configs, validate
     from vitexp.data import ImageDataModule
 
     register_configs()
     with initialize_config_dir(CONFIG_DIR, version_base=None):
-        c = compose("train", overrides=list(sys.argv[1:] if argv is None else argv))
+        c = validate(compose("train", overrides=overrides))
     data = ImageDataModule(c.data, (28, 28), [0.0] * 3, [1.0] * 3)
     data.setup("fit")
     start = time.time()
@@ -94,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {NAMES[name]:<42} {acc:.4f}  (here)")
     for name, acc in PUBLISHED.get(c.data.source, {}).items():
         print(f"  {name:<42} {acc:.4f}  (published)")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
