@@ -313,3 +313,36 @@ def jobs_running_in(out: Path) -> list[int]:
         except OSError:  # the process ended while we looked
             pass
     return pids
+
+
+def test_data_size_is_judged_on_dataset_a_where_every_cell_has_it_and_names_the_crossover():
+    from vitexp.claims import crossover, vit_needs_more_data
+
+    def scaled(model: str, n: int, fewshot: float, test: float) -> Cell:
+        # 2 seeds, each below its control: the probe cannot tell
+        return controlled(cell(fewshot, fewshot, images=n, test=(test, test)), 0.9, 0.9)
+
+    scaling = {
+        ("bit_tiny_debug", "1000"): scaled("bit", 1000, 0.5, 0.80),
+        ("bit_tiny_debug", "33000"): scaled("bit", 33000, 0.6, 0.88),
+        ("vit_tiny_p7", "1000"): scaled("vit", 1000, 0.6, 0.70),
+        ("vit_tiny_p7", "33000"): scaled("vit", 33000, 0.5, 0.90),
+    }
+    claim = judge({}, scaling, None, "m")[4]
+    # on A's test accuracy the gap closes and turns (+0.10 -> -0.02): held, whatever the
+    # probe (whose few-shot gap would have grown) says; the probe's state is reported beside
+    assert claim.verdict == "held"
+    assert "dataset A test accuracy" in claim.measured and "+0.1000 at 1000" in claim.measured
+    assert "crossover: the ViT passes between 1000 and 33000 images" in claim.measured
+    assert "Few-shot: the probe cannot tell" in claim.measured
+    # without test accuracies the probe decides, and here it cannot tell
+    for c in scaling.values():
+        c.test_accs = []
+    assert judge({}, scaling, None, "m")[4].verdict == "probe cannot tell"
+    assert "few-shot" not in vit_needs_more_data(scaling, "m").measured.lower()
+    assert crossover({1: 0.1, 2: 0.05}) == "no crossover: the CNN is ahead at every size"
+    assert crossover({1: -0.1, 2: -0.05}) == "no crossover: the ViT is ahead at every size"
+    assert crossover({1: 0.1, 2: -0.1, 3: 0.1}) == (
+        "crossover: the ViT passes between 1 and 2 images, "
+        "then the CNN passes between 2 and 3 images"
+    )
