@@ -51,7 +51,7 @@ sweep: $(VENV)/.installed  ## the position-embedding ablation (paper's Table 8) 
 	$(PY) -m vitexp.train +experiment=ablation_posemb hydra.sweep.dir=$$dir $(ARGS) && \
 	$(PY) -m vitexp.report $$dir
 
-reproduce: $(VENV)/.installed  ## the paper's experiments on embedded data (resumable; see README for its time) -> outputs/reproduce/report.html
+reproduce: $(VENV)/.installed  ## the paper's experiments on real data (Fashion-MNIST) and the quickstart (resumable; docs/reproduce.md has its time) -> outputs/reproduce/report.html
 	$(PY) -m vitexp.reproduce --out outputs/reproduce $(ARGS)
 
 visualize: pretrain  ## the paper's four figures of the quickstart checkpoint -> $(QUICKSTART)/figures/

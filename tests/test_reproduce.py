@@ -346,3 +346,20 @@ def test_data_size_is_judged_on_dataset_a_where_every_cell_has_it_and_names_the_
         "crossover: the ViT passes between 1 and 2 images, "
         "then the CNN passes between 2 and 3 images"
     )
+
+
+def test_every_verdict_comes_with_a_plain_sentence():
+    table8 = {
+        ("none", "stem"): cell(0.50, 0.52, 0.51),
+        ("learned_1d", "stem"): cell(0.60, 0.61, 0.62),
+        ("learned_2d", "stem"): cell(0.59, 0.60, 0.61),
+    }
+    claims = judge(table8, {}, FIGURES, "m", {0: (0.9, 0.85), 1: (0.91, 0.86), 2: (0.9, 0.86)})
+    assert claims[0].summary.startswith("Yes: with a 1-D table the probe scores +0.100")
+    assert claims[1].summary.startswith("Yes: the 2 kinds and placements lie within 0.010")
+    assert claims[4].summary == "Not run: its runs are missing."
+    assert claims[5].summary.startswith("Yes: fine-tuning from dataset A beats")
+    table8[("none", "stem")] = controlled(cell(0.50, 0.52, 0.51), 0.63, 0.67, 0.75)
+    blind = judge(table8, {}, FIGURES, "m")[0]
+    assert blind.summary.startswith("Cannot say: on this table the few-shot probe")
+    assert all(c.summary for c in judge(table8, {}, None, "m"))

@@ -45,6 +45,18 @@ class Claim:
     measured: str  # the numbers here
     held: bool | None  # None: not measured, or not measurable with this probe
     probe: str | None = None  # why the probe cannot tell (then held is None)
+    summary: str = ""  # the verdict in one plain sentence
+
+    def __post_init__(self) -> None:
+        if self.held is None and not self.summary:
+            self.summary = (
+                "Not run: its runs are missing."
+                if not self.probe
+                else (
+                    "Cannot say: on this table the few-shot probe does not beat random weights "
+                    "reliably (see its control)."
+                )
+            )
 
     @property
     def verdict(self) -> str:
@@ -107,7 +119,8 @@ def _data_claim(claim: Claim, cells: dict) -> Claim:
     tells, why = probe_tells(cells)
     if tells is None:
         return claim
-    return Claim(claim.claim, claim.paper, f"{claim.measured}. Few-shot: {why}", claim.held)
+    measured = f"{claim.measured}. Few-shot: {why}"
+    return Claim(claim.claim, claim.paper, measured, claim.held, summary=claim.summary)
 
 
 def _ms(cell: Any) -> str:
@@ -132,7 +145,14 @@ def position_helps(cells: dict, metric: str) -> Claim:
         measured += (
             f"; dataset A test accuracy none {none.test_mean:.4f}, 1-D {one_d.test_mean:.4f}"
         )
-    return Claim("Position embeddings help", paper, measured, gap > 2 * se)
+    held = gap > 2 * se
+    summary = (
+        f"Yes: with a 1-D table the probe scores {gap:+.3f} above no position embedding, more "
+        "than 2 standard errors of the seeds."
+        if held
+        else f"Not shown: 1-D minus none is {gap:+.3f}, within 2 standard errors ({2 * se:.3f})."
+    )
+    return Claim("Position embeddings help", paper, measured, held, summary=summary)
 
 
 def kind_matters_little(cells: dict, metric: str) -> Claim:
@@ -148,7 +168,15 @@ def kind_matters_little(cells: dict, metric: str) -> Claim:
         f"{metric} over {len(trained)} cells: {means[lo]:.4f} ({'/'.join(lo)}) to "
         f"{means[hi]:.4f} ({'/'.join(hi)}), spread {spread:.4f}; worst minus none {lead:+.4f}"
     )
-    return Claim("Their kind matters little", paper, measured, spread < lead)
+    held = spread < lead
+    summary = (
+        f"Yes: the {len(trained)} kinds and placements lie within {spread:.3f} of each "
+        f"other, less than the worst one's lead over none ({lead:+.3f})."
+        if held
+        else f"No: the {len(trained)} cells spread over {spread:.3f}, as much as or more "
+        f"than the worst one's lead over none ({lead:+.3f})."
+    )
+    return Claim("Their kind matters little", paper, measured, held, summary=summary)
 
 
 def distance_grows(figures: dict | None) -> Claim:
@@ -159,12 +187,19 @@ def distance_grows(figures: dict | None) -> Claim:
     per_layer = ", ".join(f"{v:.2f}" for v in d["mean_per_layer"])
     delta = d["last_minus_first_layer"]
     measured = f"mean over heads per layer (px): {per_layer}; last - first {delta:+.2f}"
+    summary = (
+        f"Yes: the last layer's heads attend {delta:+.2f} px farther than the first layer's."
+        if delta > 0
+        else f"No: the last layer's heads attend {delta:+.2f} px as far as the first layer's."
+    )
     boxes = ((figures or {}).get("model") or {}).get("token_boxes_xyxy")
     if boxes:  # what attention spread evenly over every patch would give
         centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes]
         dists = [math.dist(a, b) for a in centres for b in centres]
-        measured += f" (uniform attention: {sum(dists) / len(dists):.2f})"
-    return Claim("Attention distance grows with depth", paper, measured, delta > 0)
+        uniform = sum(dists) / len(dists)
+        measured += f" (uniform attention: {uniform:.2f})"
+        summary += f" Uniform attention over the patches would give {uniform:.1f} px."
+    return Claim("Attention distance grows with depth", paper, measured, delta > 0, summary=summary)
 
 
 def position_structure(figures: dict | None) -> Claim:
@@ -179,7 +214,13 @@ def position_structure(figures: dict | None) -> Claim:
         f"{t['same_row_col_minus_other']:+.3f}"
     )
     held = t["neighbours_minus_far"] > 0 and t["same_row_col_minus_other"] > 0
-    return Claim("Position embeddings learn 2-D structure", paper, measured, held)
+    summary = (
+        "Yes: a patch's embedding is most like its neighbours', and more like those of its "
+        "own row and column than the others'."
+        if held
+        else "No: the embeddings show no neighbour and row/column similarity."
+    )
+    return Claim("Position embeddings learn 2-D structure", paper, measured, held, summary=summary)
 
 
 def crossover(gaps: dict[int, float]) -> str:
@@ -230,9 +271,14 @@ def vit_needs_more_data(cells: dict, metric: str) -> Claim:
         f"{what}: {rows}. CNN - ViT gap {gaps[sizes[0]]:+.4f} at {sizes[0]} images, "
         f"{gaps[sizes[-1]]:+.4f} at {sizes[-1]}; {crossover(gaps)}"
     )
-    return Claim(
-        "ViT needs more data than a CNN", paper, measured, gaps[sizes[0]] > gaps[sizes[-1]]
+    held = gaps[sizes[0]] > gaps[sizes[-1]]
+    trend = "shrinks" if held else "does not shrink"
+    summary = (
+        f"{'Yes' if held else 'No'}: the CNN's lead {trend} from {gaps[sizes[0]]:+.3f} at "
+        f"{sizes[0]} images to {gaps[sizes[-1]]:+.3f} at {sizes[-1]} ({what}); "
+        f"{crossover(gaps)}."
     )
+    return Claim("ViT needs more data than a CNN", paper, measured, held, summary=summary)
 
 
 def pretraining_transfers(pairs: dict[int, tuple[float, float]] | None) -> Claim:
@@ -249,9 +295,15 @@ def pretraining_transfers(pairs: dict[int, tuple[float, float]] | None) -> Claim
         f"dataset B test accuracy over seeds {sorted(pairs)}: fine-tuned {tuned:.4f}, from "
         f"scratch {scratch:.4f}; paired gain {mean:+.4f} (2 SE = {2 * se:.4f})"
     )
-    return Claim(
-        "Pretraining transfers", paper, measured, len(gains) >= MIN_SEEDS and mean > 2 * se
+    held = len(gains) >= MIN_SEEDS and mean > 2 * se
+    summary = (
+        f"Yes: fine-tuning from dataset A beats training on B from scratch by {mean:+.3f} "
+        f"over {len(gains)} seeds, more than 2 standard errors."
+        if held
+        else f"Not shown: the gain {mean:+.3f} over {len(gains)} seeds is within 2 standard "
+        f"errors ({2 * se:.3f}) or has fewer than {MIN_SEEDS} seeds."
     )
+    return Claim("Pretraining transfers", paper, measured, held, summary=summary)
 
 
 def judge(
