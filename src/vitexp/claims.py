@@ -190,7 +190,8 @@ def distance_grows(figures: dict | None) -> Claim:
     summary = (
         f"Yes: the last layer's heads attend {delta:+.2f} px farther than the first layer's."
         if delta > 0
-        else f"No: the last layer's heads attend {delta:+.2f} px as far as the first layer's."
+        else f"No: the last layer's heads attend no farther than the first layer's "
+        f"({delta:+.2f} px)."
     )
     boxes = ((figures or {}).get("model") or {}).get("token_boxes_xyxy")
     if boxes:  # what attention spread evenly over every patch would give
@@ -272,7 +273,7 @@ def vit_needs_more_data(cells: dict, metric: str) -> Claim:
         f"{gaps[sizes[-1]]:+.4f} at {sizes[-1]}; {crossover(gaps)}"
     )
     held = gaps[sizes[0]] > gaps[sizes[-1]]
-    trend = "shrinks" if held else "does not shrink"
+    trend = "shrinks" if held else "grows" if gaps[sizes[-1]] > gaps[sizes[0]] else "stays"
     summary = (
         f"{'Yes' if held else 'No'}: the CNN's lead {trend} from {gaps[sizes[0]]:+.3f} at "
         f"{sizes[0]} images to {gaps[sizes[-1]]:+.3f} at {sizes[-1]} ({what}); "
