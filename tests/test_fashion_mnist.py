@@ -171,3 +171,17 @@ def test_the_baselines_command_fits_and_names_a_bad_override_in_one_line():
     assert "data=nope is not a known option" in bad.stderr
     ok = subprocess.run([*run, "data=digits"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and "logistic regression" in ok.stdout and "(here)" in ok.stdout
+
+
+@pytest.mark.skipif(not HAVE_DEBIAN, reason="apt-get install dataset-fashion-mnist (.ci/run does)")
+def test_reproduce_measures_the_real_models_attention_on_fashion_images(tmp_path: Path):
+    from PIL import Image
+
+    from vitexp.reproduce import fashion_test_images
+
+    folder = fashion_test_images(tmp_path / "images")
+    files = sorted(folder.iterdir())
+    assert len(files) == 10  # one test image of each class
+    assert {f.name.rsplit("_", 1)[0] for f in files} >= {"Ankle boot", "T-shirt_top", "Bag"}
+    image = Image.open(files[0])
+    assert image.size == (28, 28) and image.mode == "RGB"

@@ -254,8 +254,9 @@ def recipes_section(out: Path) -> str:
     )
 
 
-def figures_section(out: Path) -> str:
-    d = out / "quickstart" / "pretrain" / "figures"
+def figures_section(out: Path, d: Path, model: str) -> str:
+    if not (d / "figures.json").is_file():
+        return ""
     names = {
         "attention_maps.png": "Attention maps in input space (Fig. 6)",
         "embedding_filters.png": "Embedding filters (Fig. 7 left)",
@@ -263,7 +264,7 @@ def figures_section(out: Path) -> str:
         "attention_distance.png": "Mean attention distance (Fig. 7 right)",
     }
     parts = [f"<h3>{esc(title)}</h3>" + img(d / name, title) for name, title in names.items()]
-    return "<h2>The figures of the quickstart model</h2>" + "".join(parts)
+    return f"<h2>The figures of {esc(model)}</h2>" + "".join(parts)
 
 
 def timing_section(out: Path, jobs: list, timing: dict[str, Any]) -> str:
@@ -320,7 +321,10 @@ def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -
     t8_cells, t8_metric = (t8.cells, t8.metric) if t8 else ({}, None)
     sc_cells, sc_metric = (sc.cells, sc.metric) if sc else ({}, None)
     metric = t8_metric or sc_metric or "few-shot"
-    figures = read_json(out / "quickstart" / "pretrain" / "figures" / "figures.json")
+    quick_figures = out / "quickstart" / "pretrain" / "figures"
+    real_figures = out / "real_table8" / "figures"  # vitexp.reproduce.REAL_FIGURES
+    on_real = t8_name.startswith("real") and (real_figures / "figures.json").is_file()
+    figures = read_json((real_figures if on_real else quick_figures) / "figures.json")
     pairs = transfer_pairs(out)
     claims = judge(t8_cells, sc_cells, figures, metric, pairs)
     write_atomic(
@@ -351,7 +355,10 @@ def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -
         sweep("table8"),
         sweep("data_scaling"),
         recipes_section(out),
-        figures_section(out),
+        figures_section(
+            out, real_figures, "the real data's model (Table 8's 1-D stem run, seed 0)"
+        ),
+        figures_section(out, quick_figures, "the quickstart model (shapes)"),
         timing_section(out, jobs, timing),
         configs_section(out, jobs),
     ]
