@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import open_dict
 
 from vitexp.config import CONFIG_DIR, register_configs, validate
 
@@ -65,23 +66,31 @@ def test_the_link_checker_catches_a_broken_link_and_anchor(tmp_path):
 
 
 def train_commands() -> list[tuple[str, str]]:
-    """Every `python -m vitexp.train` command in a code block: (page, command line)."""
+    """Every `python -m vitexp.train` command line in a code block: (page, command). A
+    schematic line (with `...`) is not a command."""
     out = []
     for page in PAGES:
         for block in re.findall(r"^```(?:bash|sh)?\n(.*?)^```", page.read_text(), re.S | re.M):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip()
-                if "python -m vitexp.train" in line:
+                if line.startswith("python -m vitexp.train") and "..." not in line:
                     out.append((str(page.relative_to(REPO)), line))
     return out
 
 
 def overrides_of(command: str) -> list[str]:
-    """The overrides of one command; a sweep (a,b,c or range) stands for its first value,
-    as the first job of `-m` composes it."""
-    args = shlex.split(command.split("python -m vitexp.train", 1)[1])
-    args = [a for a in args if a not in ("-m", "--multirun") and not a.startswith("--")]
-    parsed = OverridesParser.create().parse_overrides(args)
+    """The overrides of one command (Hydra's own flags dropped, a `<placeholder>` read as a
+    path); a sweep (a,b,c or range) stands for its first value, as `-m`'s first job."""
+    args = shlex.split(re.sub(r"<[^>]+>", "x", command.split("python -m vitexp.train", 1)[1]))
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn"):
+            skip = True  # a flag that takes a value
+        elif not arg.startswith("-"):
+            kept.append(arg)
+    parsed = OverridesParser.create().parse_overrides(kept)
     return [
         f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
         if o.is_sweep_override()
@@ -103,7 +112,8 @@ def test_every_train_command_in_the_docs_composes(page, command):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    del cfg["hydra"]
+    with open_dict(cfg):
+        del cfg["hydra"]  # Hydra's own node, composed so hydra/launcher=... overrides resolve
     validate(cfg)
 
 
