@@ -215,3 +215,56 @@ def test_what_a_stop_says_it_kept(tmp_path: Path):
     )
     assert as_stop(SystemExit(1), tmp_path, trainer) is None  # not a signal
     assert as_stop(ValueError("x"), tmp_path, trainer) is None
+
+
+DDP = [
+    *(o for o in TINY if not o.startswith(("trainer.compile", "trainer.max_steps"))),
+    "trainer.max_steps=100000",
+    "data.shapes.num_train=1024",
+    "data.num_workers=1",  # the case that hung: a loader worker per rank
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+]
+
+
+@pytest.mark.parametrize("how", ["ctrl_c_every_rank", "sigterm_rank_0_only"])
+def test_a_signal_under_ddp_stops_every_rank_at_one_step_with_one_line(tmp_path: Path, how: str):
+    """Lightning's SIGTERM handler broadcasts from inside the handler; with the ranks at
+    different collectives that deadlocked (Ctrl-C under DDP with loader workers never
+    returned). vitexp's handler only marks the rank; the ranks agree at each batch end."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitexp.train", *DDP, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    log = run_dir / "train.log"
+    deadline = time.time() + 240
+    while not (log.is_file() and log.read_text().count(" INFO step ") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    sig = signal.SIGINT if how == "ctrl_c_every_rank" else signal.SIGTERM
+    if how == "ctrl_c_every_rank":
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every rank
+    else:
+        proc.send_signal(signal.SIGTERM)  # kill PID: rank 0 alone
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the ranks deadlocked: no exit 120 s after the signal") from None
+    lines = out.strip().splitlines()
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], out[-3000:]
+    assert "died" not in out and "Traceback" not in out, out[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    match = re.match(rf"error: .* at step (\d+); {last} holds that step", lines[-1])
+    assert match, lines[-1]
+    assert torch.load(last, weights_only=True)["global_step"] == int(match.group(1))
+    with pytest.raises(ProcessLookupError):  # no rank or loader worker left behind
+        os.killpg(proc.pid, 0)

@@ -86,6 +86,9 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer)  # the final weights, whatever the intervals: fine-tuning reads them
 
 
+STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # vitexp's exits on Ctrl-C, SIGTERM
+
+
 class PreemptionCheckpoint(L.Callback):
     """Save last.ckpt when a signal stops the run; then hand a preemption signal on.
 
@@ -102,6 +105,9 @@ class PreemptionCheckpoint(L.Callback):
         self.saved_step: int | None = None
         self.batches = 0  # training batches finished in this attempt
         self._previous: dict[int, object] = {}
+        self.pending = False  # several ranks: a stop this rank saw, not yet agreed on
+        self._ranks = 1
+        self._rank_zero = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -127,6 +133,30 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(sig, self._on_signal)
         self._previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_interrupt)
+        self._ranks = trainer.world_size
+        self._rank_zero = trainer.is_global_zero
+        if self._ranks > 1:
+            # Lightning's SIGTERM handler broadcasts from inside the handler: a collective
+            # wherever the signal lands, which deadlocks when another rank is in a different
+            # one (seen: Ctrl-C under DDP with loader workers hung for good). Here a signal
+            # only marks its rank, and the ranks agree at each batch end (_agree_to_stop).
+            signal.signal(signal.SIGTERM, self._on_term_ranked)
+
+    def _on_term_ranked(self, signum: int, frame) -> None:
+        if not (self.batches or self.received in PREEMPTION_SIGNALS):
+            raise Terminated  # nothing to save yet: stop at once, as on one process
+        self.pending = True
+
+    def _agree_to_stop(self, trainer: L.Trainer) -> None:
+        """Every rank, at the same point of every batch: stop if any rank saw a signal, so
+        all of them stop at this batch's end (Lightning checks received_sigterm there)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.pending)], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            trainer._signal_connector.received_sigterm = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if signal.SIGINT in self._previous and self.received != signal.SIGINT:
@@ -144,12 +174,13 @@ class PreemptionCheckpoint(L.Callback):
         if not self.batches:
             raise KeyboardInterrupt  # nothing to save yet
         if self.received is None:
-            print(
-                "\nCtrl-C: stopping after this batch and saving checkpoints/last.ckpt "
-                "(Ctrl-C again to stop at once, without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
+            if self._rank_zero:
+                print(
+                    "\nCtrl-C: stopping after this batch and saving checkpoints/last.ckpt "
+                    "(Ctrl-C again to stop at once, without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.received = signal.SIGINT
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -162,7 +193,8 @@ class PreemptionCheckpoint(L.Callback):
         if self.saved_step != trainer.global_step and trainer.global_step > 0:
             trainer.save_checkpoint(self.last_ckpt, weights_only=False)
             self.saved_step = trainer.global_step
-            log.warning("saved %s at step %d", self.last_ckpt, trainer.global_step)
+            if trainer.is_global_zero:
+                log.warning("saved %s at step %d", self.last_ckpt, trainer.global_step)
 
     def _save_if_stopping(self, trainer: L.Trainer) -> None:
         if trainer.received_sigterm and not trainer.sanity_checking:
@@ -170,6 +202,8 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         self.batches += 1
+        if self._ranks > 1:
+            self._agree_to_stop(trainer)
         self._save_if_stopping(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -218,6 +252,8 @@ class DDPWorkerWatch(L.Callback):
         self.last_ckpt = None if last_ckpt is None else Path(last_ckpt)
         self.period_s = period_s
         self.grace_s = grace_s
+        self.stop_grace_s = 60.0
+        self._stopped: dict[int, float] = {}  # pid -> when it was seen stopped by a signal
         self._ranks: dict[int, int] = {}  # pid -> local rank, of the children still running
         # pid -> Lightning's Popen of that child: its observer thread reaps the child too
         # (Popen.poll), and then only the Popen knows how it ended
@@ -265,6 +301,12 @@ class DDPWorkerWatch(L.Callback):
                 code = self._exit_code(pid)
                 if code is None:
                     continue
+                if code in STOP_CODES:
+                    # stopped by a signal at an agreed batch end, as this rank is about to:
+                    # not a crash, unless this rank is still running well after it
+                    seen = self._stopped.setdefault(pid, time.monotonic())
+                    if time.monotonic() - seen < self.stop_grace_s:
+                        continue
                 self._ranks.pop(pid, None)
                 if code != 0:
                     self._fail(rank, pid, code, self._ranks)

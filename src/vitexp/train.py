@@ -261,8 +261,9 @@ def stopped(err: BaseException, attempt: rundir.Attempt) -> BaseException | None
     if stop is None:
         return None
     rundir.stop_logging_to_file(str(stop))
-    if is_rank_zero():
-        rundir.discard_if_worthless(attempt)
+    if not is_rank_zero():
+        sys.exit(stop.exit_code)  # every rank stopped at the same step: rank 0 says so, once
+    rundir.discard_if_worthless(attempt)
     if stop.exit_code == Interrupted.exit_code and os.environ.get("SLURM_JOB_ID"):
         # SLURM requeues or cancels the job: no result (a failed one) for submitit
         print(f"error: {stop}", file=sys.stderr, flush=True)
