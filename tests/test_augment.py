@@ -13,7 +13,7 @@ from vitexp.config import AugmentConfig, LossConfig, OptimConfig, RandAugmentCon
 from vitexp.data import build_transforms
 from vitexp.data.transforms import BatchMix
 from vitexp.errors import ConfigError
-from vitexp.module import ViTModule
+from vitexp.training.module import ViTModule
 
 from conftest import tiny_vit
 

@@ -21,20 +21,20 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from run_helpers import finish
 from test_config import compose_cfg, error_line
-from vitexp.checkpoint import (
-    AtomicCheckpointIO,
-    load_pretrained,
-    read_checkpoint,
-    replace_dir,
-)
 from vitexp.config import validate
 from vitexp.errors import CheckpointError
 from vitexp.models import VisionTransformer, ViTConfig, build_model
 from vitexp.models.factory import config_from_record, model_record
 from vitexp.models.resnet import PreActBottleneck
 from vitexp.models.vit import Block
-from vitexp.rundir import resolve_run_dir
-from vitexp.trainer import ShardedStrategy, build_strategy, build_trainer
+from vitexp.training.checkpoint import (
+    AtomicCheckpointIO,
+    load_pretrained,
+    read_checkpoint,
+    replace_dir,
+)
+from vitexp.training.rundir import resolve_run_dir
+from vitexp.training.trainer import ShardedStrategy, build_strategy, build_trainer
 
 from conftest import randomize_, tiny_vit
 

@@ -26,9 +26,9 @@ def loaded_by(module: str) -> set[str]:
     [
         ("vitexp.models", ("lightning", "hydra", "omegaconf", "vitexp.")),
         ("vitexp.data", ("vitexp.models",)),
-        ("vitexp.fewshot", ("vitexp.train", "vitexp.trainer")),
-        ("vitexp.visualize", ("vitexp.train", "vitexp.trainer")),
-        ("vitexp.cli", ("vitexp.train",)),
+        ("vitexp.fewshot", ("vitexp.train", "vitexp.training.trainer")),
+        ("vitexp.visualize", ("vitexp.train", "vitexp.training.trainer")),
+        ("vitexp.training.cli", ("vitexp.train",)),
     ],
 )
 def test_layers_import_one_way(module, forbidden):
@@ -80,4 +80,4 @@ def test_no_import_cycle():
 
     for node in sorted(edges):
         visit(node)
-    assert "vitexp.train" not in graph["vitexp.cli"]
+    assert "vitexp.train" not in graph["vitexp.training.cli"]

@@ -74,10 +74,10 @@ def beside_published(model_acc: float, source: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m vitexp.baselines [data=NAME] [data.key=value ...]`: the two baselines
     fitted on a data config's splits, beside the published numbers; a bad override or
-    missing data is one line (vitexp.cli.run_cli)."""
+    missing data is one line (vitexp.training.cli.run_cli)."""
     import sys
 
-    from vitexp.cli import run_cli
+    from vitexp.training.cli import run_cli
 
     run_cli(lambda: fit_and_print(list(sys.argv[1:] if argv is None else argv)))
 

@@ -46,8 +46,8 @@ from torch import nn
 from vitexp.config import OptimConfig
 from vitexp.models import SIZES, VisionTransformer, model_config
 from vitexp.models.convert import from_timm
-from vitexp.module import build_optimizer
-from vitexp.step_timer import quiet_lightning, step_times, synchronize
+from vitexp.training.module import build_optimizer
+from vitexp.training.step_timer import quiet_lightning, step_times, synchronize
 
 # Dense bf16 peak FLOP/s per device, for model FLOPs utilisation (vendor data sheets).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}

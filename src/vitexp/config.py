@@ -5,10 +5,10 @@ Each dataclass is one Hydra group and maps to one place in the code:
     data/      DataConfig      -> vitexp.data.ImageDataModule
     model/     ViTConfig       -> vitexp.models.VisionTransformer (model/pos_embed: PosEmbedSpec);
                                   the choices are vitexp.models.factory.SIZES
-    optim/     OptimConfig     -> vitexp.module.ViTModule.configure_optimizers
-    schedule/  ScheduleConfig  -> vitexp.module.lr_lambda
-    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.trainer.build_trainer)
-    logger/    LoggerConfig    -> vitexp.trainer.build_logger
+    optim/     OptimConfig     -> vitexp.training.module.ViTModule.configure_optimizers
+    schedule/  ScheduleConfig  -> vitexp.training.module.lr_lambda
+    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.training.trainer.build_trainer)
+    logger/    LoggerConfig    -> vitexp.training.trainer.build_logger
 
 OmegaConf checks types and unknown keys while Hydra composes; `validate` checks values
 and combinations and raises `ConfigError` with one line naming the key, the value and
@@ -156,7 +156,7 @@ class LossConfig:
 
 @dataclass
 class EMAConfig:
-    """Polyak / exponential moving average of the weights (vitexp.averaging), which
+    """Polyak / exponential moving average of the weights (vitexp.training.averaging), which
     validation, test, few-shot, figures and fine-tuning then use. The paper averaged with
     decay 0.9999 for its best ImageNet fine-tunes (Appendix B.1.1)."""
 

@@ -201,9 +201,9 @@ class FewshotCommandConfig:
 
 def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
     """Few-shot accuracy of a checkpoint's model on `c.data`; writes fewshot.json."""
-    from vitexp.checkpoint import read_model, resolve_pretrained, run_dir_of, weights_of
+    from vitexp.data.files import write_atomic
     from vitexp.errors import ConfigError
-    from vitexp.files import write_atomic
+    from vitexp.training.checkpoint import read_model, resolve_pretrained, run_dir_of, weights_of
 
     if not c.pretrained:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
@@ -230,7 +230,7 @@ def evaluate_checkpoint(c: FewshotCommandConfig) -> dict:
 
 
 def main() -> None:
-    from vitexp.cli import hydra_command
+    from vitexp.training.cli import hydra_command
 
     hydra_command("fewshot", FewshotCommandConfig, evaluate_checkpoint)
 

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": [c.__dict__ for c in checks],
     }
     out = Path(args.out)
-    from vitexp.files import write_atomic
+    from vitexp.data.files import write_atomic
 
     write_atomic(out, json.dumps(report, indent=2) + "\n")
     failed = [c.name for c in checks if not c.ok]

@@ -238,7 +238,7 @@ def check(
 ) -> dict[str, Any]:
     """Loader and step img/s for the run of `overrides`, and the verdict (see the module
     doc). `decodes`: the data.decode values to time (default: cpu, and gpu on a GPU)."""
-    from vitexp.step_timer import step_times
+    from vitexp.training.step_timer import step_times
 
     gpu = torch.cuda.is_available() if gpu is None else gpu
     device = torch.device("cuda" if gpu else "cpu")

@@ -275,9 +275,9 @@ def _stream(pool, plan: Plan, start: int, threads: int) -> Iterator[tuple[int, b
 
 def pack(c: PackCommandConfig) -> dict[str, Any]:
     """Pack `c.src` into `c.out`; returns the manifest."""
+    from vitexp.data.files import write_atomic
     from vitexp.data.litdata import FORMAT, MANIFEST, SPLITS, STATE_DIR
     from vitexp.data.pack_sources import Options, digest, open_source
-    from vitexp.files import write_atomic
 
     _check(c)
     args, out = _args(c), Path(c.out).expanduser()
@@ -406,7 +406,7 @@ class _progress:
 
 
 def main() -> None:
-    from vitexp.cli import hydra_command
+    from vitexp.training.cli import hydra_command
 
     hydra_command("pack", PackCommandConfig, pack)
 

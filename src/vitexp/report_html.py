@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vitexp.claims import judge
-from vitexp.files import write_atomic
+from vitexp.data.files import write_atomic
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;

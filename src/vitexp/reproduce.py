@@ -35,9 +35,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitexp.cli import run_cli
+from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError, Interrupted
-from vitexp.files import write_atomic
+from vitexp.training.cli import run_cli
 
 # study -> (preset, seeds): 3 seeds for Table 8, 2 for the data-size study (its BiT runs
 # cost twice the ViT's)
@@ -188,7 +188,7 @@ def plan(
     study's own number of seeds; `extra` overrides go to every job (e.g. trainer=gpu)."""
     from vitexp.config import validate
     from vitexp.models import NotApplicableCell
-    from vitexp.rundir import write_job_record
+    from vitexp.training.rundir import write_job_record
 
     known = (*STUDIES, *OPTIONAL_STUDIES)
     unknown = [s for s in studies if s not in known]
@@ -218,7 +218,7 @@ def plan(
                 write_job_record(job_dir, cfg, "n/a", str(err), job.overrides)
                 continue
             except Exception as err:  # one line naming the job, then the config's message
-                from vitexp.cli import one_line
+                from vitexp.training.cli import one_line
 
                 raise ConfigError(f"{job.key}: {one_line(err)}") from err
             if (job_dir / RESULTS).is_file():

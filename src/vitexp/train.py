@@ -5,7 +5,7 @@
 
 A run writes to its directory: config.yaml (resolved), checkpoints/ (last.ckpt, best-*.ckpt),
 logs/ (the logger's files), train.log, results.json. `ckpt_path=last` continues the newest
-run of the same name in its own directory (`vitexp.rundir`).
+run of the same name in its own directory (`vitexp.training.rundir`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
+from vitexp.data.files import write_atomic
+from vitexp.errors import ConfigError, Interrupted, Terminated
+from vitexp.models import NotApplicableCell
+
 # only what composing and validating a config needs: Lightning, the data and the trainer
 # are imported once the config is valid, so a bad value is reported in seconds
-from vitexp import rundir
-from vitexp.cli import in_multirun, one_line, run_cli, single_run_errors
-from vitexp.config import CONFIG_DIR, TrainConfig, register_configs, validate
-from vitexp.errors import ConfigError, Interrupted, Terminated
-from vitexp.files import write_atomic
-from vitexp.models import NotApplicableCell
+from vitexp.training import rundir
+from vitexp.training.cli import in_multirun, one_line, run_cli, single_run_errors
 
 if TYPE_CHECKING:
     import lightning as L
@@ -42,7 +43,7 @@ def run(cfg: DictConfig, hydra_dir: Path | None = None) -> dict[str, Any]:
     """Validate, train, test; returns what results.json holds. Every check (config, data,
     device, run directory, checkpoints) runs before the run directory gets any file. A stop
     by signal or a damaged compile cache, wherever it lands, becomes one line
-    (`vitexp.stopping`)."""
+    (`vitexp.training.stopping`)."""
     attempt = rundir.Attempt()
     try:
         return _run(cfg, hydra_dir, attempt)
@@ -66,19 +67,19 @@ def _run(cfg: DictConfig, hydra_dir: Path | None, attempt: rundir.Attempt) -> di
         pixel_baselines,
         side_by_side,
     )
-    from vitexp.callbacks import requeue_count, slurm_job_id
-    from vitexp.checkpoint import (
+    from vitexp.data import ImageDataModule
+    from vitexp.data.transforms import BatchMix
+    from vitexp.models import build_model
+    from vitexp.training.callbacks import requeue_count, slurm_job_id
+    from vitexp.training.checkpoint import (
         check_resumable,
         load_pretrained,
         read_checkpoint,
         resolve_pretrained,
     )
-    from vitexp.data import ImageDataModule
-    from vitexp.data.transforms import BatchMix
-    from vitexp.models import build_model
-    from vitexp.module import ViTModule
-    from vitexp.progress import quiet_console
-    from vitexp.trainer import build_trainer, check_device, speed_switches, weight_average
+    from vitexp.training.module import ViTModule
+    from vitexp.training.progress import quiet_console
+    from vitexp.training.trainer import build_trainer, check_device, speed_switches, weight_average
 
     quiet_console()
     hydra_dir = Path(hydra_dir or rundir.hydra_run_dir())
@@ -255,7 +256,7 @@ def stopped(err: BaseException, attempt: rundir.Attempt) -> BaseException | None
     """What a stop by signal, or a damaged compile cache, becomes: its line in train.log, the
     run directory removed if it holds nothing of value, and the one-line error to raise
     (None for any other error)."""
-    from vitexp.stopping import as_stop
+    from vitexp.training.stopping import as_stop
 
     stop = as_stop(err, attempt.run_dir, attempt.trainer, attempt.ckpt_path)
     if stop is None:
@@ -309,7 +310,7 @@ def describe_run(
 ) -> list[str]:
     """The lines at the top of a run's console output and train.log: where it writes, the
     model, the data and the recipe."""
-    from vitexp.trainer import speed_switches
+    from vitexp.training.trainer import speed_switches
 
     t, m = c.trainer, c.model
     budget = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.max_epochs} epochs"

@@ -30,11 +30,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from vitexp.checkpoint import run_dir_of, weights_of
+from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError
-from vitexp.files import write_atomic
 from vitexp.models import VisionTransformer
 from vitexp.models.pos_embed import describe
+from vitexp.training.checkpoint import run_dir_of, weights_of
 from vitexp.viz import plots
 from vitexp.viz.compute import (
     attention_rollout,
@@ -319,7 +319,7 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
     if c.max_images < 1:
         raise ConfigError(f"max_images={c.max_images} must be >= 1")
-    from vitexp.checkpoint import read_model, resolve_pretrained
+    from vitexp.training.checkpoint import read_model, resolve_pretrained
 
     checkpoint = resolve_pretrained(c.pretrained)
     model, meta = read_model(checkpoint, "pretrained")
@@ -343,7 +343,7 @@ def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    from vitexp.cli import hydra_command
+    from vitexp.training.cli import hydra_command
 
     hydra_command("visualize", VisualizeCommandConfig, visualize_checkpoint)
 

@@ -358,7 +358,7 @@ class ImageDataModule(L.LightningDataModule):
 
 def _init_worker(worker_id: int) -> None:
     """A loader worker ignores Ctrl-C: the terminal sends it to the whole process group, and
-    the main process stops at the end of the batch (vitexp.callbacks.PreemptionCheckpoint),
+    the main process stops at the end of the batch (vitexp.training.callbacks.PreemptionCheckpoint),
     which needs its workers alive until then. Lightning's worker seeding is kept."""
     import os
     import signal

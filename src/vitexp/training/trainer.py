@@ -19,17 +19,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 
-from vitexp.callbacks import (
+from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig
+from vitexp.errors import ConfigError
+from vitexp.training.callbacks import (
     DDPWorkerWatch,
     LastCheckpoint,
     PreemptionCheckpoint,
     SignalDeadline,
     StaleBestCleanup,
 )
-from vitexp.checkpoint import AtomicCheckpointIO, read_checkpoint, remove_path, replace_dir
-from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig
-from vitexp.errors import ConfigError
-from vitexp.progress import ProgressBar, ValidationLog
+from vitexp.training.checkpoint import AtomicCheckpointIO, read_checkpoint, remove_path, replace_dir
+from vitexp.training.progress import ProgressBar, ValidationLog
 
 log = logging.getLogger("vitexp")
 
@@ -184,8 +184,8 @@ class ShardedStrategy(FSDPStrategy):
 
 
 def weight_average(trainer: L.Trainer):
-    """The run's `vitexp.averaging.WeightAverage` callback, or None (no `ema.decay`)."""
-    from vitexp.averaging import WeightAverage
+    """The run's `vitexp.training.averaging.WeightAverage` callback, or None (no `ema.decay`)."""
+    from vitexp.training.averaging import WeightAverage
 
     return next((cb for cb in trainer.callbacks if isinstance(cb, WeightAverage)), None)
 
@@ -218,7 +218,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
     if c.ema.decay is not None:
         # after the few-shot callback, which scores the average before it is swapped out at
         # the end of a validation, and before the figures, drawn of the average
-        from vitexp.averaging import WeightAverage
+        from vitexp.training.averaging import WeightAverage
 
         callbacks.append(WeightAverage(c.ema))
     if c.stage == "pretrain" and c.figures:
@@ -231,7 +231,8 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
     callbacks.append(ValidationLog())
     if t.progress_bar:
         callbacks.append(ProgressBar(t.log_every_n_steps))
-    # under SLURM, requeueing is submitit's or vitexp's (see vitexp.callbacks), not Lightning's
+    # under SLURM, requeueing is submitit's or vitexp's (see vitexp.training.callbacks), not
+    # Lightning's
     slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     lightning = t.lightning_args()
     lightning.update(  # the Trainer arguments whose values vitexp resolves

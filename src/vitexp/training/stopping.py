@@ -6,9 +6,9 @@ a damaged compile cache), and a run directory that holds nothing of value is rem
 How the signal arrives depends on when:
 
 - outside `trainer.fit`, and inside it until Lightning installs its handler: Ctrl-C is
-  Python's KeyboardInterrupt, SIGTERM `vitexp.errors.Terminated` (`vitexp.cli.run_cli`);
+  Python's KeyboardInterrupt, SIGTERM `vitexp.errors.Terminated` (`vitexp.training.cli.run_cli`);
 - inside fit, until a training batch has finished (nothing to save yet), the same, at once
-  (`vitexp.callbacks.PreemptionCheckpoint`); after that, Lightning's `SIGTERMException` at
+  (`vitexp.training.callbacks.PreemptionCheckpoint`); after that, Lightning's `SIGTERMException` at
   the end of the batch, once last.ckpt holds it;
 - Lightning turns a KeyboardInterrupt inside fit or test into `SystemExit(1)`, whose
   `__context__` still says which.
@@ -54,7 +54,7 @@ def _sigterm_exception() -> type | tuple:
 
 
 def interrupted_by_user(trainer: Any) -> bool:
-    """Ctrl-C seen by vitexp.callbacks.PreemptionCheckpoint (not SIGTERM or preemption)."""
+    """Ctrl-C seen by vitexp.training.callbacks.PreemptionCheckpoint (not SIGTERM or preemption)."""
     return any(getattr(cb, "interrupted", False) for cb in getattr(trainer, "callbacks", []))
 
 
@@ -65,7 +65,7 @@ def what_was_kept(run_dir: Path | None, step: int, resuming: str | None = None) 
         if resuming:
             return f"nothing written: resume as before, with ckpt_path={resuming}"
         return "nothing to resume: no step finished"
-    from vitexp.checkpoint import checkpoint_exists
+    from vitexp.training.checkpoint import checkpoint_exists
 
     last = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint_exists(last):
@@ -83,7 +83,7 @@ def stop_line(how: str, run_dir: Path | None, step: int, resuming: str | None = 
 
 
 def saved_step(ckpt: Path) -> int | str:
-    from vitexp.checkpoint import read_checkpoint
+    from vitexp.training.checkpoint import read_checkpoint
 
     try:
         return int(read_checkpoint(ckpt, "ckpt_path", weights=False).get("global_step", 0))
