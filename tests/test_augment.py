@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from test_train import train
-from vitexp.config import AugmentConfig, LossConfig, OptimConfig, RandAugmentConfig, ScheduleConfig
+from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
 from vitexp.data import build_transforms
+from vitexp.data.config import AugmentConfig, RandAugmentConfig
 from vitexp.data.transforms import BatchMix
 from vitexp.errors import ConfigError
 from vitexp.training.module import ViTModule

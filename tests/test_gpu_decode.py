@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 from data_helpers import data_cfg, png_bytes
 from test_config import error_line
 from vitexp import loader_check
-from vitexp.config import AugmentConfig, RandAugmentConfig
 from vitexp.data import ImageDataModule, gpu_decode
+from vitexp.data.config import AugmentConfig, RandAugmentConfig
 from vitexp.data.gpu_decode import Encoded, PendingBatch
 from vitexp.errors import DataError
 

@@ -24,8 +24,9 @@ from PIL import Image
 
 from data_helpers import data_cfg, pixel_ids, write_folder
 from run_helpers import finish, results, wait_for_checkpoint
-from vitexp.config import AugmentConfig, validate
+from vitexp.config import validate
 from vitexp.data import ImageDataModule
+from vitexp.data.config import AugmentConfig
 from vitexp.data.litdata import STATE_DIR
 from vitexp.errors import ConfigError, DataError
 from vitexp.pack import PackCommandConfig, pack

@@ -17,8 +17,8 @@ import pytest
 from litdata import StreamingDataset
 
 from data_helpers import png_bytes, solid, write_folder, write_parquet
-from vitexp.config import DataConfig
 from vitexp.data import sources
+from vitexp.data.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.data.litdata import MANIFEST, STATE_DIR, read_manifest
 from vitexp.errors import ConfigError, DataError

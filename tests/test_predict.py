@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from test_train import train
-from vitexp.config import AugmentConfig
+from vitexp.data.config import AugmentConfig
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
 from vitexp.predict import PredictCommandConfig, predict

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from vitexp.config import DataConfig, FewshotConfig, validate_fewshot
+from vitexp.config import FewshotConfig, validate_fewshot
+from vitexp.data.config import DataConfig
 from vitexp.errors import DataError
 from vitexp.models import VisionTransformer
 

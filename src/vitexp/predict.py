@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vitexp.config import ON_CORRUPT, AugmentConfig
+from vitexp.data.config import ON_CORRUPT, AugmentConfig
 from vitexp.data.images import IMAGE_SUFFIXES
 from vitexp.errors import ConfigError, DataError
 

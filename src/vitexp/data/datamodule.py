@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
-from vitexp.config import SOURCES, DataConfig, check_subset
 from vitexp.data import gpu_decode, hf, images, sources
 from vitexp.data import litdata as packs
+from vitexp.data.config import SOURCES, DataConfig, check_subset
 from vitexp.data.parquet import ParquetStream
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
