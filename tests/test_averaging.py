@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from test_train import FINETUNE, train
+from vitexp.analysis.fewshot import FewShotEvaluator
 from vitexp.errors import ConfigError
-from vitexp.fewshot import FewShotEvaluator
 from vitexp.models import build_model
 from vitexp.models.factory import config_from_record
 from vitexp.training.averaging import ema_update

@@ -258,8 +258,8 @@ def test_another_bit_architecture_is_refused(tmp_path: Path):
 def test_training_and_few_shot_interfaces():
     from torch.utils.data import TensorDataset
 
+    from vitexp.analysis.fewshot import pre_logits
     from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
-    from vitexp.fewshot import pre_logits
     from vitexp.training.module import ViTModule
 
     model = tiny_bit()

@@ -12,7 +12,7 @@ model in the formats the ecosystem loads, with a model card.
     onnx         model.onnx: the same graph (needs the `onnx` package).
 
 Every format exports the checkpoint's `state_dict`: the weight average where the run kept
-one. README.md beside the weights is the model card (`vitexp.model_card`).
+one. README.md beside the weights is the model card (`vitexp.analysis.model_card`).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
 
 def export(c: ExportCommandConfig) -> list[Path]:
     """Write the chosen format and the model card into `c.out`; returns the files."""
-    from vitexp.model_card import write_model_card
+    from vitexp.analysis.model_card import write_model_card
     from vitexp.training.checkpoint import read_model, resolve_pretrained
 
     if not c.pretrained:

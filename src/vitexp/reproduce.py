@@ -8,7 +8,7 @@ self-contained report.html. The claims are judged on the real data.
     real_transfer/  fashion_finetune from real_table8's 1-D stem runs vs fashion_scratch
     table8/         opt-in: the ablation_posemb preset x 3 seeds (Table 8 on shapes/digits)
     data_scaling/   opt-in: the data_scaling preset x 2 seeds (Figure 4 on shapes/digits)
-    recipes/        opt-in: AugReg levels and EMA (vitexp.recipes)
+    recipes/        opt-in: AugReg levels and EMA (vitexp.analysis.recipes)
     report.html     tables, plots, figures, the claims' numbers, configs and timings
 
 Each job is one `python -m vitexp.train` run in its own fixed directory, so the command is
@@ -132,7 +132,7 @@ def quickstart_jobs(out: Path) -> list[Job]:
 
 STUDIES = ("quickstart", "real_table8", "real_scaling", "real_transfer")  # the default
 # opt-in: the embedded data's Table 8 and data size (the fast path of earlier versions), and
-# AugReg levels x seeds, each pretraining fine-tuned (vitexp.recipes)
+# AugReg levels x seeds, each pretraining fine-tuned (vitexp.analysis.recipes)
 OPTIONAL_STUDIES = ("table8", "data_scaling", "recipes")
 
 
@@ -143,7 +143,7 @@ def seed_of(job: Job) -> str:
 
 def recipe_jobs(out: Path, seeds: int | None) -> list[Job]:
     """The augreg_sweep preset's pretrainings, then each one fine-tuned on digits."""
-    from vitexp import recipes
+    from vitexp.analysis import recipes
 
     pretrain = sweep_jobs("recipes", recipes.PRESET, seeds or recipes.SEEDS)
     finetune = [
@@ -361,8 +361,8 @@ def reproduce(
     extra: tuple[str, ...] = (),
 ) -> Path:
     """Run (or continue) everything, then write the study tables and report.html."""
-    from vitexp import report
-    from vitexp.report_html import write_report
+    from vitexp.analysis import tables
+    from vitexp.analysis.report_html import write_report
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -374,9 +374,9 @@ def reproduce(
         print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
     Runner(out, jobs).run(planned, say)
-    summaries = {s: report.report(out / s) for s in SWEEPS if s in studies}
+    summaries = {s: tables.report(out / s) for s in SWEEPS if s in studies}
     if "recipes" in studies:
-        from vitexp import recipes
+        from vitexp.analysis import recipes
 
         write_atomic(out / "recipes" / "recipes.md", recipes.markdown(out))
         print(recipes.markdown(out), flush=True)

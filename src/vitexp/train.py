@@ -61,7 +61,7 @@ def _run(cfg: DictConfig, hydra_dir: Path | None, attempt: rundir.Attempt) -> di
     attempt.ckpt_path = c.ckpt_path
     import lightning as L
 
-    from vitexp.baselines import (
+    from vitexp.analysis.baselines import (
         BASELINE_SOURCES,
         beside_published,
         pixel_baselines,
@@ -121,7 +121,7 @@ def _run(cfg: DictConfig, hydra_dir: Path | None, attempt: rundir.Attempt) -> di
     )
     evaluator = None
     if c.stage == "pretrain" and c.fewshot.enabled:
-        from vitexp.fewshot import FewShotEvaluator
+        from vitexp.analysis.fewshot import FewShotEvaluator
 
         evaluator = FewShotEvaluator(c.fewshot, net.img_size, c.model.mean, c.model.std)
     trainer = build_trainer(c, run_dir, evaluator)

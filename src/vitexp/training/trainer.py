@@ -212,7 +212,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         SignalDeadline(t.ddp_timeout_s),
     ]
     if evaluator is not None:
-        from vitexp.fewshot import FewShotCallback
+        from vitexp.analysis.fewshot import FewShotCallback
 
         callbacks.append(FewShotCallback(evaluator))
     if c.ema.decay is not None:
@@ -222,7 +222,7 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
 
         callbacks.append(WeightAverage(c.ema))
     if c.stage == "pretrain" and c.figures:
-        from vitexp.visualize import FiguresCallback, draws
+        from vitexp.analysis.figures import FiguresCallback, draws
 
         if draws(c.model):
             callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))

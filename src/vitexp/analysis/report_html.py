@@ -2,7 +2,7 @@
 URI, no script, no network) that a browser opens offline.
 
 Its tables hold, in each data cell (<td>), a number or N/A; names are header cells (<th>).
-Sections: the claims and their verdicts (vitexp.claims), the quickstart against the pixel
+Sections: the claims and their verdicts (vitexp.analysis.claims), the quickstart against the pixel
 baselines and training from scratch, Table 8, the data-size experiment, the four figures,
 the timings, and the configs.
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitexp.claims import judge
+from vitexp.analysis.claims import judge
 from vitexp.data.files import write_atomic
 
 STYLE = """
@@ -111,8 +111,8 @@ DATASETS = {  # study -> (what dataset A is, its test accuracy note)
 
 
 def table8_section(out: Path, study: str, cells: dict, metric: str) -> str:
-    from vitexp.claims import gain, probe_tells
-    from vitexp.report import COLUMNS, PAPER, ROWS, rows_in
+    from vitexp.analysis.claims import gain, probe_tells
+    from vitexp.analysis.tables import COLUMNS, PAPER, ROWS, rows_in
 
     head = [f"{p}: {s}" for p in COLUMNS.values() for s in ("mean", "std")]
     rows, control_rows, test_rows, paper_rows = [], [], [], []
@@ -148,7 +148,7 @@ def table8_section(out: Path, study: str, cells: dict, metric: str) -> str:
 
 
 def scaling_section(out: Path, study: str, cells: dict, metric: str) -> str:
-    from vitexp.claims import gain, probe_tells
+    from vitexp.analysis.claims import gain, probe_tells
 
     rows = []
     for key, c in cells.items():
@@ -216,7 +216,7 @@ def transfer_section(pairs: dict[int, tuple[float, float]]) -> str:
 
 def recipes_section(out: Path) -> str:
     """AugReg levels x EMA (`--studies recipes`), when that study ran."""
-    from vitexp import recipes
+    from vitexp.analysis import recipes
 
     found = recipes.table(out) if (out / "recipes").is_dir() else []
     if not found:

@@ -14,7 +14,7 @@ Images: scikit-learn's two bundled photographs unless `images=DIR`. `layer` (0-b
 negative counts from the end; default the last) picks the layer whose position table is drawn
 next to the first one for `every_layer` placements, and whose offset table is drawn for
 `relative`. `FiguresCallback` draws the same at the end of training and logs them.
-The computations are in `vitexp.viz.compute`, the drawing in `vitexp.viz.plots`.
+The computations are in `vitexp.analysis.viz.compute`, the drawing in `vitexp.analysis.viz.plots`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from vitexp.data.files import write_atomic
-from vitexp.errors import ConfigError
-from vitexp.models import VisionTransformer
-from vitexp.models.pos_embed import describe
-from vitexp.training.checkpoint import run_dir_of, weights_of
-from vitexp.viz import plots
-from vitexp.viz.compute import (
+from vitexp.analysis.viz import plots
+from vitexp.analysis.viz.compute import (
     attention_rollout,
     embedding_filter_pcs,
     embedding_filters,
@@ -48,7 +43,12 @@ from vitexp.viz.compute import (
     token_boxes,
     tokens_to_pixels,
 )
-from vitexp.viz.images import load_images, to_batch
+from vitexp.analysis.viz.images import load_images, to_batch
+from vitexp.data.files import write_atomic
+from vitexp.errors import ConfigError
+from vitexp.models import VisionTransformer
+from vitexp.models.pos_embed import describe
+from vitexp.training.checkpoint import run_dir_of, weights_of
 
 log = logging.getLogger("vitexp")
 

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitexp.claims import gain, probe_tells
+from vitexp.analysis.claims import gain, probe_tells
+from vitexp.analysis.recipes import mean_std as seed_mean_std
 from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError
 from vitexp.models.pos_embed import STEM_ONLY_KINDS
-from vitexp.recipes import mean_std as seed_mean_std
 from vitexp.training.cli import run_cli
 
 if TYPE_CHECKING:
