@@ -369,7 +369,7 @@ def test_fsdp_resume_from_last_restores_the_sharded_optimizer_state(fsdp_runs, t
 
 @pytest.mark.slow
 def test_finetune_from_fsdp_checkpoints_at_a_new_resolution(fsdp_runs, tmp_path):
-    from vitexp.analysis.fewshot import FewshotCommandConfig, evaluate_checkpoint
+    from vitexp.fewshot import FewshotCommandConfig, evaluate_checkpoint
 
     finetune = [
         "stage=finetune",

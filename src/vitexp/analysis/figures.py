@@ -1,8 +1,5 @@
-"""The paper's pictures of a trained ViT (Figure 6, Figure 7, Appendix D.7 and D.8).
-
-    python -m vitexp.visualize pretrained=PATH [images=DIR] [out=DIR] [layer=N]
-
-writes to `out` (default: `figures/` in the run directory, beside `checkpoints/`):
+"""The paper's pictures of a trained ViT (Figure 6, Figure 7, Appendix D.7 and D.8), and the
+numbers behind them:
 
     attention_maps.png        attention rollout from the output token to the input (Fig. 6)
     embedding_filters.png     top principal components of the embedding filters (Fig. 7 left)
@@ -10,11 +7,13 @@ writes to `out` (default: `figures/` in the run directory, beside `checkpoints/`
     attention_distance.png    mean attention distance of every head against depth (Fig. 7 right)
     figures.json              the numbers behind them
 
-Images: scikit-learn's two bundled photographs unless `images=DIR`. `layer` (0-based,
+`make_figures` draws them for uint8 images, `write_figures` writes them. `layer` (0-based,
 negative counts from the end; default the last) picks the layer whose position table is drawn
 next to the first one for `every_layer` placements, and whose offset table is drawn for
-`relative`. `FiguresCallback` draws the same at the end of training and logs them.
-The computations are in `vitexp.analysis.viz.compute`, the drawing in `vitexp.analysis.viz.plots`.
+`relative`. `FiguresCallback` (which `vitexp.train` hands to the Trainer) draws them at the
+end of a pretraining and logs them; `python -m vitexp.visualize` draws them of a checkpoint.
+The computations are in `vitexp.analysis.viz.compute`, the drawing in
+`vitexp.analysis.viz.plots`, the input images in `vitexp.analysis.viz.images`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,7 @@ from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
 from vitexp.models.pos_embed import describe
-from vitexp.training.checkpoint import run_dir_of, weights_of
+from vitexp.training.checkpoint import weights_of
 
 log = logging.getLogger("vitexp")
 
@@ -296,57 +294,3 @@ class FiguresCallback(L.Callback):
             log_figures(trainer.loggers, pngs, trainer.global_step)
         except Exception as err:
             log.warning("figures: not drawn (%s: %s)", type(err).__name__, err, exc_info=True)
-
-
-# --- the command -----------------------------------------------------------------------------
-@dataclass
-class VisualizeCommandConfig:
-    pretrained: str | None = None  # a checkpoint, a run directory or a directory of runs
-    images: str | None = None  # a folder of images (default: scikit-learn's two samples)
-    out: str | None = None  # default: <run dir>/figures beside checkpoints/
-    layer: int | None = None  # position table / relative offsets of this layer (default last)
-    max_images: int = 8  # the first images of `images` (by name)
-
-
-def default_out(pretrained: Path) -> Path:
-    """`figures/` in the run directory: beside `checkpoints/`, else beside the file."""
-    return run_dir_of(pretrained) / "figures"
-
-
-def visualize_checkpoint(c: VisualizeCommandConfig) -> dict[str, Any]:
-    """Draw the figures of a checkpoint's model; returns figures.json's content."""
-    if not c.pretrained:
-        raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
-    if c.max_images < 1:
-        raise ConfigError(f"max_images={c.max_images} must be >= 1")
-    from vitexp.training.checkpoint import read_model, resolve_pretrained
-
-    checkpoint = resolve_pretrained(c.pretrained)
-    model, meta = read_model(checkpoint, "pretrained")
-    if not draws(model.cfg):
-        raise ConfigError(
-            f"pretrained={checkpoint} is a {model.cfg.name} model; the figures (attention, "
-            "patch filters, position embeddings) are drawn for ViT checkpoints only"
-        )
-    resolve_layer(c.layer, len(model.encoder.blocks))  # fail before reading any image
-    images, names = load_images(c.images, model.img_size, model.cfg.in_chans, c.max_images)
-    pngs, report = make_figures(model, images, names, model.cfg.mean, model.cfg.std, c.layer)
-    report = {"pretrained": str(checkpoint), "weights": weights_of(meta), **report}
-    out = Path(c.out) if c.out else default_out(checkpoint)
-    try:
-        paths = write_figures(out, pngs, report)
-    except OSError as err:
-        raise ConfigError(f"out={out} cannot be written: {err.strerror or err}") from None
-    for path in paths:
-        print(f"-> {path}")
-    return report
-
-
-def main() -> None:
-    from vitexp.training.cli import hydra_command
-
-    hydra_command("visualize", VisualizeCommandConfig, visualize_checkpoint)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""`python -m vitexp.report MULTIRUN_DIR`: a sweep's table and chart, laid out by what it swept.
+"""A sweep's table and chart, laid out by what it swept: `python -m vitexp.report MULTIRUN_DIR`
+runs `report`, and `vitexp.reproduce` runs it on each of its studies.
 
 Reads every job directory of the sweep (results.json, failed.json, or only config.yaml for a
 job still running or killed) and finds the swept axes from the jobs themselves: the keys of
@@ -25,7 +26,6 @@ laid out by the axes:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -41,7 +41,6 @@ from vitexp.analysis.recipes import mean_std as seed_mean_std
 from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError
 from vitexp.models.pos_embed import STEM_ONLY_KINDS
-from vitexp.training.cli import run_cli
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -747,16 +746,3 @@ def report(sweep_dir: str | Path) -> SweepSummary:
     s.figure.savefig(sweep_dir / "table.png", dpi=120)
     print(s.table + f"-> {sweep_dir}/table.md, table.csv, table.png")
     return s
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "sweep_dir", help="a multirun directory, e.g. multirun/ablation_posemb/<date>"
-    )
-    args = parser.parse_args()
-    run_cli(lambda: report(args.sweep_dir))
-
-
-if __name__ == "__main__":
-    main()
