@@ -21,8 +21,8 @@ from vitexp.data import sources
 from vitexp.data.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.data.litdata import MANIFEST, STATE_DIR, read_manifest
+from vitexp.data.pack import PackCommandConfig, SplitWriter, pack
 from vitexp.errors import ConfigError, DataError
-from vitexp.pack import PackCommandConfig, SplitWriter, pack
 
 CLASSES = {"ant": 14, "bee": 14, "cat": 14}  # 42 solid PNGs, valued 0..41
 

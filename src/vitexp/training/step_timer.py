@@ -1,6 +1,6 @@
 """The training step alone, timed: `vitexp.train`'s module, Lightning loop and callbacks on
 one in-memory batch, so that neither the loader nor the disk is in the number. Shared by the
-benchmark (`vitexp.bench`) and the loader check (`vitexp.loader_check`)."""
+benchmark (`vitexp.training.throughput`) and the loader check (`vitexp.training.bottleneck`)."""
 
 from __future__ import annotations
 
