@@ -67,8 +67,8 @@ def before(owner, name, when=lambda *a, **k: True, seconds=60):
 
 
 if phase == "setup":  # reading the data's splits
-    import vitexp.train
-    before(vitexp.train, "check_data")
+    import vitexp.training.steps
+    before(vitexp.training.steps, "check_data")
 elif phase == "compile":  # inside the first torch.compile (Inductor's entry)
     import torch._inductor.compile_fx
     before(torch._inductor.compile_fx, "compile_fx")

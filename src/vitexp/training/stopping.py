@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitexp.errors import CheckpointError, Interrupted, VitexpError
+from vitexp.errors import CheckpointError, Interrupted, Terminated, VitexpError
+from vitexp.training import rundir
+from vitexp.training.cli import in_multirun
 
 CTRL_C = "interrupted (Ctrl-C)"
 SIGNALLED = "stopped by a signal"
@@ -143,3 +145,34 @@ def damaged_compile_cache(err: BaseException) -> str | None:
             return folder
         err = err.__cause__ or getattr(err, "inner_exception", None) or err.__context__
     return None
+
+
+# --- the stop of a run ----------------------------------------------------------------------
+def stopped(err: BaseException, attempt: rundir.Attempt) -> BaseException | None:
+    """What a stop by signal, or a damaged compile cache, becomes: its line in train.log, the
+    run directory removed if it holds nothing of value, and the one-line error to raise
+    (None for any other error)."""
+    stop = as_stop(err, attempt.run_dir, attempt.trainer, attempt.ckpt_path)
+    if stop is None:
+        return None
+    rundir.stop_logging_to_file(str(stop))
+    if is_rank_zero():
+        rundir.discard_if_worthless(attempt)
+    if stop.exit_code == Interrupted.exit_code and os.environ.get("SLURM_JOB_ID"):
+        # SLURM requeues or cancels the job: no result (a failed one) for submitit
+        print(f"error: {stop}", file=sys.stderr, flush=True)
+        sys.exit(Interrupted.exit_code)
+    if in_multirun() and isinstance(stop, Interrupted):
+        # the whole sweep stops (Hydra would go on to the next job after an Exception)
+        sweep_stop = Terminated if stop.exit_code == Interrupted.exit_code else KeyboardInterrupt
+        return sweep_stop(str(stop))
+    return stop
+
+
+def is_rank_zero() -> bool:
+    """Rank 0, or a single process (a config error comes before Lightning is imported)."""
+    if "lightning" not in sys.modules:
+        return True
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
