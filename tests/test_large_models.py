@@ -269,8 +269,8 @@ def test_resume_finds_a_sharded_last_checkpoint(tmp_path: Path):
 
 
 # --- trainer=fsdp end to end: 2 CPU processes (gloo) -------------------------------------------
-# torch's FSDP runs on CPU when given device_id=cpu, which vitexp.train.ShardedStrategy passes;
-# Lightning's own FSDPStrategy refuses CPU.
+# torch's FSDP runs on CPU when given device_id=cpu, which
+# vitexp.training.trainer.ShardedStrategy passes; Lightning's own FSDPStrategy refuses CPU.
 FSDP_RUN = [
     *FSDP_PRETRAIN,
     "trainer.accelerator=cpu",

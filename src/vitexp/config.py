@@ -162,7 +162,7 @@ class TrainConfig:
     pretrained_weights: str = "averaged"  # averaged (the EMA, where the run kept one) | raw
     ckpt_path: str | None = None  # resume: a .ckpt path, or `last`
     output_root: str = "outputs"
-    figures: bool = True  # pretraining: the paper's four figures at the end (vitexp.visualize)
+    figures: bool = True  # pretraining: the paper's four figures at the end (analysis.figures)
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # a model family's config (ViTConfig); typed by the model= choice
     optim: OptimConfig = field(default_factory=OptimConfig)

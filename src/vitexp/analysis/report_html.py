@@ -293,7 +293,7 @@ def configs_section(out: Path, jobs: list) -> str:
 
 def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -> Path:
     """Write out/report.html (and claims.json) from the finished studies' summaries
-    (`vitexp.report.SweepSummary` by study name). The claims are judged on the real-data
+    (`vitexp.analysis.tables.SweepSummary` by study name). The claims are judged on the real-data
     studies where they ran, else on the embedded ones."""
     t8_name = "real_table8" if "real_table8" in studies else "table8"
     sc_name = "real_scaling" if "real_scaling" in studies else "data_scaling"
