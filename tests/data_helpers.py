@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitexp.config import AugmentConfig, DataConfig
+from vitexp.data.config import AugmentConfig, DataConfig
 
 NO_AUG = AugmentConfig(random_resized_crop=False, hflip=False, crop_pct=1.0)
 

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from test_train import train
-from vitexp.config import AugmentConfig, LossConfig, OptimConfig, RandAugmentConfig, ScheduleConfig
+from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
 from vitexp.data import build_transforms
+from vitexp.data.config import AugmentConfig, RandAugmentConfig
 from vitexp.data.transforms import BatchMix
 from vitexp.errors import ConfigError
-from vitexp.module import ViTModule
+from vitexp.training.module import ViTModule
 
 from conftest import tiny_vit
 

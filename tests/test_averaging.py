@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from test_train import FINETUNE, train
-from vitexp.averaging import ema_update
-from vitexp.checkpoint import RAW_WEIGHTS_KEY, load_pretrained
+from vitexp.analysis.fewshot import FewShotEvaluator
 from vitexp.errors import ConfigError
-from vitexp.fewshot import FewShotEvaluator
 from vitexp.models import build_model
 from vitexp.models.factory import config_from_record
+from vitexp.training.averaging import ema_update
+from vitexp.training.checkpoint import RAW_WEIGHTS_KEY, load_pretrained
 
 EMA = ["ema.decay=0.8", "ema.warmup=false", "trainer.max_steps=6"]
 

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitexp import bench
+from vitexp.training import throughput
 
 pytest.importorskip("timm")
 
@@ -20,8 +21,8 @@ TINY = dict(size="debug", img_size=32, batch=8, num_classes=10)
 
 @pytest.mark.parametrize("pool", ["cls", "gap"])
 def test_equivalent_case_builds_models_with_the_same_logits(pool):
-    case = bench.Case(**TINY, pool=pool)
-    runners, diff = bench.make_runners(case, bench.Setup(repeats=1, steps=1, warmup=1))
+    case = throughput.Case(**TINY, pool=pool)
+    runners, diff = bench.make_runners(case, throughput.Setup(repeats=1, steps=1, warmup=1))
     assert diff is not None and diff < 1e-5
     assert set(runners) == {"vitexp", "timm"}
     ours, theirs = (sum(p.numel() for p in r.model.parameters()) for r in runners.values())
@@ -29,17 +30,17 @@ def test_equivalent_case_builds_models_with_the_same_logits(pool):
 
 
 def test_variant_without_timm_equivalent_is_timed_against_timm_1d():
-    case = bench.Case(**TINY, kind="relative")
+    case = throughput.Case(**TINY, kind="relative")
     assert not case.timm_has_it
-    runners, diff = bench.make_runners(case, bench.Setup())
+    runners, diff = bench.make_runners(case, throughput.Setup())
     assert diff is None
     assert runners["vitexp"].model.cfg.pos_embed.kind == "relative"
     assert runners["timm"].model.pos_embed.shape[1] == 65  # timm's learned 1-D table
 
 
 def test_hybrid_case_builds_both_hybrids():
-    case = bench.Case(size="debug", img_size=32, batch=2, num_classes=10, stem="r50")
-    runners, _ = bench.make_runners(case, bench.Setup())
+    case = throughput.Case(size="debug", img_size=32, batch=2, num_classes=10, stem="r50")
+    runners, _ = bench.make_runners(case, throughput.Setup())
     for runner in runners.values():
         out = runner.model(runner.images)
         assert out.shape == (2, 10)
@@ -47,9 +48,9 @@ def test_hybrid_case_builds_both_hybrids():
 
 
 def test_bench_case_alternates_and_records_every_repeat():
-    case = bench.Case(**TINY)
+    case = throughput.Case(**TINY)
     result = bench.bench_case(
-        case, bench.Setup(repeats=3, steps=1, warmup=1, min_seconds=0), log=lambda s: None
+        case, throughput.Setup(repeats=3, steps=1, warmup=1, min_seconds=0), log=lambda s: None
     )
     for what in ("train_ips", "infer_ips"):
         assert all(len(v) == 3 and min(v) > 0 for v in getattr(result, what).values())
@@ -65,8 +66,8 @@ def test_cpu_peak_memory_sees_a_100mb_allocation():
 
 
 def test_grad_checkpointing_lowers_the_peak_memory_of_a_train_step():
-    case = bench.Case(size="S/16", img_size=96, batch=16)
-    out = bench.checkpointing_memory(case, bench.Setup(repeats=1))
+    case = throughput.Case(size="S/16", img_size=96, batch=16)
+    out = bench.checkpointing_memory(case, throughput.Setup(repeats=1))
     off, on = out["peak_mem_mb"]["off"][0], out["peak_mem_mb"]["on"][0]
     assert off > 50  # activations of 12 blocks x 16 images x 37 tokens: well above noise
     assert out["ratio"] == pytest.approx(on / off) and out["ratio"] < 0.8
@@ -74,19 +75,19 @@ def test_grad_checkpointing_lowers_the_peak_memory_of_a_train_step():
 
 @pytest.mark.parametrize("pool", ["cls", "gap"])
 def test_analytic_flops_match_torch_flop_counter(pool):
-    case = bench.Case(size="S/16", img_size=224, batch=1, pool=pool)
+    case = throughput.Case(size="S/16", img_size=224, batch=1, pool=pool)
     model = bench.build_timm(case)  # timm: the standard computation, no pruned last block
     counter = FlopCounterMode(display=False)
     # the math kernel spells attention out as matmuls, which the counter counts
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(torch.randn(1, 3, 224, 224))
     counted = 3 * counter.get_total_flops()
-    assert bench.train_flops_per_image(case) == pytest.approx(counted, rel=0.01)
+    assert throughput.train_flops_per_image(case) == pytest.approx(counted, rel=0.01)
 
 
 LIGHTNING_STEP = f"""
-from vitexp import bench
-out = bench.lightning_step(bench.Case(**{TINY!r}), bench.Setup(warmup=1), steps=2)
+from vitexp.training import throughput
+out = throughput.lightning_step(throughput.Case(**{TINY!r}), throughput.Setup(warmup=1), steps=2)
 print(out["steps"], out["images_per_s"])
 """
 
@@ -108,7 +109,7 @@ def test_the_three_formats_hold_the_same_images_and_are_timed(tmp_path, hf_offli
     """The folder, the parquet shards and the pack that `make bench` times hold the same
     bytes; each format is timed with both decodes, and the table says them all."""
     from vitexp.data import ImageDataModule
-    from vitexp.loader_check import FORMATS, compose, format_rates, write_formats
+    from vitexp.training.bottleneck import FORMATS, compose, format_rates, write_formats
 
     formats = write_formats(tmp_path, 40)
     seen = {}
@@ -133,7 +134,7 @@ def test_the_three_formats_hold_the_same_images_and_are_timed(tmp_path, hf_offli
 
 
 def test_cli_quick_suite_writes_bench_json(tmp_path, monkeypatch):
-    small = [bench.Case(**TINY), bench.Case(size="S/16", img_size=32, batch=2)]
+    small = [throughput.Case(**TINY), throughput.Case(size="S/16", img_size=32, batch=2)]
     monkeypatch.setattr(bench, "cpu_cases", lambda quick: small)
     out = tmp_path / "bench.json"
     report = bench.main(

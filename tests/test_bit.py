@@ -14,11 +14,16 @@ from safetensors.torch import save_file
 from timm.layers import StdConv2d as TimmStdConv2d
 from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
 
-from vitexp.checkpoint import check_architecture, check_resumable, load_pretrained, read_model
 from vitexp.errors import CheckpointError
 from vitexp.models import BiTConfig, ResNetV2, create_model, hybrid, model_config, resnet
 from vitexp.models.convert import from_timm, load_timm_weights
 from vitexp.models.factory import config_from_record, model_record
+from vitexp.training.checkpoint import (
+    check_architecture,
+    check_resumable,
+    load_pretrained,
+    read_model,
+)
 
 from conftest import randomize_, tiny_vit
 
@@ -253,9 +258,9 @@ def test_another_bit_architecture_is_refused(tmp_path: Path):
 def test_training_and_few_shot_interfaces():
     from torch.utils.data import TensorDataset
 
+    from vitexp.analysis.fewshot import pre_logits
     from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
-    from vitexp.fewshot import pre_logits
-    from vitexp.module import ViTModule
+    from vitexp.training.module import ViTModule
 
     model = tiny_bit()
     module = ViTModule(model, OptimConfig(), ScheduleConfig(), LossConfig())

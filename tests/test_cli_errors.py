@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vitexp.cli import FORCED, exit_with
 from vitexp.errors import ConfigError, Diverged, Interrupted
+from vitexp.training.cli import FORCED, exit_with
 
 
 def cli_env(full_error: bool) -> dict[str, str]:
@@ -76,5 +76,6 @@ def test_a_config_error_stops_before_lightning_and_the_data_are_imported(tmp_pat
     assert done.returncode == 2 and lines[-1].startswith("error: ")
     imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time")}
     assert "torch" in imported and "vitexp.config" in imported  # the check itself ran
-    assert not imported & {"lightning", "torchvision", "vitexp.data", "vitexp.trainer"}
+    heavy = {"lightning", "torchvision", "vitexp.data.datamodule", "vitexp.training.trainer"}
+    assert not imported & heavy  # the schema loads only the data's configs (vitexp.data.config)
     assert not (tmp_path / "run").exists()

@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from vitexp.cli import one_line
 from vitexp.config import CONFIG_DIR, register_configs, validate
 from vitexp.models import SIZES, build_model, create_model, model_config
+from vitexp.training.cli import one_line
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))

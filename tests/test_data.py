@@ -25,9 +25,9 @@ from data_helpers import (
     write_folder,
     write_parquet,
 )
-from vitexp.config import AugmentConfig, ShapesConfig
 from vitexp.data import ImageDataModule, build_transforms
 from vitexp.data import shapes as shapes_lib
+from vitexp.data.config import AugmentConfig, ShapesConfig
 from vitexp.data.datamodule import EpochSampler
 from vitexp.data.images import ImageDecoder, to_rgb
 from vitexp.data.sources import holdout

@@ -17,10 +17,10 @@ import torch
 from run_helpers import RUN, finish, results, start, wait_for_checkpoint
 from test_cli_errors import cli_env
 from test_train import train
-from vitexp.callbacks import DDPWorkerWatch, ddp_children
-from vitexp.checkpoint import AtomicCheckpointIO
 from vitexp.errors import Diverged
-from vitexp.module import ViTModule
+from vitexp.training.callbacks import DDPWorkerWatch, ddp_children
+from vitexp.training.checkpoint import AtomicCheckpointIO
+from vitexp.training.module import ViTModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 WRITER = textwrap.dedent(
     """
     import sys, time, torch
-    from vitexp.checkpoint import AtomicCheckpointIO
+    from vitexp.training.checkpoint import AtomicCheckpointIO
     real_save = torch.save
     def slow_save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
@@ -80,7 +80,7 @@ def test_ctrl_c_while_writing_a_checkpoint_stays_a_ctrl_c(tmp_path: Path, monkey
     ("unexpected pos", seen in CI) and must not turn the stop into a crash (exit 1)."""
     import io
 
-    from vitexp import checkpoint
+    from vitexp.training import checkpoint
 
     class InterruptedFile(io.FileIO):
         def write(self, data):
@@ -271,7 +271,7 @@ def test_ddp_worker_death_offers_to_resume_only_from_a_checkpoint(
 RANK0_WATCHING_RANK1 = textwrap.dedent(
     """
     import os, signal, subprocess, sys, time
-    from vitexp.callbacks import DDPWorkerWatch, ddp_children
+    from vitexp.training.callbacks import DDPWorkerWatch, ddp_children
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                               DDPWorkerWatch.MARKER + "1"])
     time.sleep(0.5)
@@ -353,7 +353,7 @@ def test_a_rank_reaped_by_lightnings_observer_is_still_named(monkeypatch):
     assert failed == [(1, child.pid, -signal.SIGKILL)]
     assert watch._ranks == {}
 
-    from vitexp.callbacks import silence_lightning_observers
+    from vitexp.training.callbacks import silence_lightning_observers
 
     silence_lightning_observers()
     assert observer._child_processes == []

@@ -147,7 +147,7 @@ def test_data_classes_keeps_some_classes_relabelled_in_the_order_given(fake, now
 
 
 def test_a_run_is_placed_between_the_published_numbers():
-    from vitexp.baselines import beside_published
+    from vitexp.analysis.baselines import beside_published
 
     line = beside_published(0.9001, "fashion_mnist")
     assert line == (

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vitexp.config import OptimConfig
 from vitexp.models import create_model
-from vitexp.module import build_optimizer
+from vitexp.training.module import build_optimizer
 
 VARIANTS = [
     ("none", "stem"),
@@ -125,7 +125,7 @@ def test_bf16_autocast_stays_close_to_fp32():
 def test_speed_switches_follow_the_device(monkeypatch, overrides, cuda, expected):
     from test_config import compose_cfg
     from vitexp.config import validate
-    from vitexp.trainer import speed_switches
+    from vitexp.training.trainer import speed_switches
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -15,9 +15,9 @@ import torch
 
 from test_train import FINETUNE, train
 from vitexp import load_model
-from vitexp import module as module_lib
 from vitexp.models import VisionTransformer
 from vitexp.models.factory import config_from_record
+from vitexp.training import module as module_lib
 
 CLIP = 1e-3  # far below the raw gradient norm of these runs: every step is clipped
 
@@ -81,7 +81,7 @@ def test_clipping_with_fp16_loss_scaling(fused: bool, monkeypatch):
     from torch.utils.data import DataLoader, TensorDataset
 
     from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
-    from vitexp.module import ViTModule
+    from vitexp.training.module import ViTModule
 
     from conftest import tiny_vit
 

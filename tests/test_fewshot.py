@@ -14,8 +14,8 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
 from test_train import train
+from vitexp.analysis.fewshot import draw_shots, fewshot_accuracy, ridge_fit
 from vitexp.errors import DataError
-from vitexp.fewshot import draw_shots, fewshot_accuracy, ridge_fit
 
 
 @pytest.mark.parametrize("n,d", [(200, 16), (12, 64)])  # primal and dual forms
@@ -126,8 +126,8 @@ def test_the_control_is_the_same_probe_on_the_runs_own_initialisation(checkpoint
     import lightning as L
 
     from test_train import TINY, compose_cfg
+    from vitexp.analysis.fewshot import FewShotEvaluator
     from vitexp.config import validate
-    from vitexp.fewshot import FewShotEvaluator
     from vitexp.models import build_model
 
     results = json.loads((checkpoint / "results.json").read_text())

@@ -24,11 +24,11 @@ from torchvision.transforms import v2
 
 from data_helpers import data_cfg, png_bytes
 from test_config import error_line
-from vitexp import loader_check
-from vitexp.config import AugmentConfig, RandAugmentConfig
 from vitexp.data import ImageDataModule, gpu_decode
+from vitexp.data.config import AugmentConfig, RandAugmentConfig
 from vitexp.data.gpu_decode import Encoded, PendingBatch
 from vitexp.errors import DataError
+from vitexp.training import bottleneck
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.25, 0.25]
 LEVEL = 1 / 255 / 0.25  # one uint8 level after normalisation
@@ -450,10 +450,10 @@ def test_a_heavy_loader_without_workers_is_the_bottleneck(tmp_path, one_thread):
     """Whole 500 x 375 decodes (crop_pct 0.05 leaves PIL no DCT scaling), RandAugment, no
     workers, against a one-layer model on 16 tokens: the loader is 4x slower than the step
     (measured with other jobs on the 2 cores; 10x alone)."""
-    loader_check.write_jpegs(tmp_path, 3 * 64)
-    facts = loader_check.check(
+    bottleneck.write_jpegs(tmp_path, 3 * 64)
+    facts = bottleneck.check(
         [
-            *loader_check.default_overrides(tmp_path, gpu=False),
+            *bottleneck.default_overrides(tmp_path, gpu=False),
             "data.num_workers=0",
             "data.augment.crop_pct=0.05",
             "data.augment.randaugment.num_ops=4",
@@ -472,7 +472,7 @@ def test_a_heavy_loader_without_workers_is_the_bottleneck(tmp_path, one_thread):
 
 
 def test_a_large_model_on_in_memory_digits_is_the_bottleneck(one_thread):
-    facts = loader_check.check(
+    facts = bottleneck.check(
         [
             "trainer=cpu",
             "data=digits",

@@ -21,20 +21,20 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from run_helpers import finish
 from test_config import compose_cfg, error_line
-from vitexp.checkpoint import (
-    AtomicCheckpointIO,
-    load_pretrained,
-    read_checkpoint,
-    replace_dir,
-)
 from vitexp.config import validate
 from vitexp.errors import CheckpointError
 from vitexp.models import VisionTransformer, ViTConfig, build_model
 from vitexp.models.factory import config_from_record, model_record
 from vitexp.models.resnet import PreActBottleneck
 from vitexp.models.vit import Block
-from vitexp.rundir import resolve_run_dir
-from vitexp.trainer import ShardedStrategy, build_strategy, build_trainer
+from vitexp.training.checkpoint import (
+    AtomicCheckpointIO,
+    load_pretrained,
+    read_checkpoint,
+    replace_dir,
+)
+from vitexp.training.rundir import resolve_run_dir
+from vitexp.training.trainer import ShardedStrategy, build_strategy, build_trainer
 
 from conftest import randomize_, tiny_vit
 
@@ -269,8 +269,8 @@ def test_resume_finds_a_sharded_last_checkpoint(tmp_path: Path):
 
 
 # --- trainer=fsdp end to end: 2 CPU processes (gloo) -------------------------------------------
-# torch's FSDP runs on CPU when given device_id=cpu, which vitexp.train.ShardedStrategy passes;
-# Lightning's own FSDPStrategy refuses CPU.
+# torch's FSDP runs on CPU when given device_id=cpu, which
+# vitexp.training.trainer.ShardedStrategy passes; Lightning's own FSDPStrategy refuses CPU.
 FSDP_RUN = [
     *FSDP_PRETRAIN,
     "trainer.accelerator=cpu",

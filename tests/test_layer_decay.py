@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from test_config import compose_cfg, error_line
 from vitexp.config import LossConfig, OptimConfig, ScheduleConfig, validate
 from vitexp.models import create_model
-from vitexp.module import ViTModule, lr_lambda
+from vitexp.training.module import ViTModule, lr_lambda
 
 from conftest import randomize_
 

@@ -24,11 +24,12 @@ from PIL import Image
 
 from data_helpers import data_cfg, pixel_ids, write_folder
 from run_helpers import finish, results, wait_for_checkpoint
-from vitexp.config import AugmentConfig, validate
+from vitexp.config import validate
 from vitexp.data import ImageDataModule
+from vitexp.data.config import AugmentConfig
 from vitexp.data.litdata import STATE_DIR
+from vitexp.data.pack import PackCommandConfig, pack
 from vitexp.errors import ConfigError, DataError
-from vitexp.pack import PackCommandConfig, pack
 
 # 4 classes x 30 solid PNGs valued 0..119: held out 24 test, 10 val; 86 train
 CLASSES = {"c0": 30, "c1": 30, "c2": 30, "c3": 30}

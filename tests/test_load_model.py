@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import vitexp
-from vitexp.checkpoint import read_model
 from vitexp.errors import CheckpointError
 from vitexp.models.factory import model_record
+from vitexp.training.checkpoint import read_model
 
 from conftest import randomize_, tiny_vit
 

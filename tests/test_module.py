@@ -10,7 +10,7 @@ import torch
 from vitexp.config import LossConfig, OptimConfig, ScheduleConfig
 from vitexp.models import VisionTransformer
 from vitexp.models.factory import config_from_record
-from vitexp.module import ViTModule, lr_lambda, sigmoid_cross_entropy
+from vitexp.training.module import ViTModule, lr_lambda, sigmoid_cross_entropy
 
 from conftest import randomize_, tiny_vit
 

@@ -17,12 +17,12 @@ import pytest
 from litdata import StreamingDataset
 
 from data_helpers import png_bytes, solid, write_folder, write_parquet
-from vitexp.config import DataConfig
 from vitexp.data import sources
+from vitexp.data.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.data.litdata import MANIFEST, STATE_DIR, read_manifest
+from vitexp.data.pack import PackCommandConfig, SplitWriter, pack
 from vitexp.errors import ConfigError, DataError
-from vitexp.pack import PackCommandConfig, SplitWriter, pack
 
 CLASSES = {"ant": 14, "bee": 14, "cat": 14}  # 42 solid PNGs, valued 0..41
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from test_config import compose_cfg
-from vitexp.checkpoint import check_architecture, check_resumable, load_pretrained
 from vitexp.config import CONFIG_DIR, LossConfig, OptimConfig, ScheduleConfig, validate
 from vitexp.errors import ConfigError
 from vitexp.models import create_model
 from vitexp.models.factory import model_record
-from vitexp.module import ViTModule
+from vitexp.training.checkpoint import check_architecture, check_resumable, load_pretrained
+from vitexp.training.module import ViTModule
 
 EXPERIMENTS = Path(CONFIG_DIR) / "experiment"
 

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from test_train import train
-from vitexp.checkpoint import read_model
-from vitexp.config import AugmentConfig
+from vitexp.data.config import AugmentConfig
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
 from vitexp.predict import PredictCommandConfig, predict
+from vitexp.training.checkpoint import read_model
 
 FAST = ["trainer.max_steps=2", "fewshot.enabled=false"]
 

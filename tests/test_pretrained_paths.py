@@ -1,5 +1,5 @@
 """`pretrained=` means the same for every command: a checkpoint file, a run directory or a
-directory of runs (vitexp.checkpoint.resolve_pretrained), and an existing path that holds
+directory of runs (vitexp.training.checkpoint.resolve_pretrained), and an existing path that holds
 none of them is named as such, never as missing."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitexp.checkpoint import resolve_pretrained
 from vitexp.errors import CheckpointError
+from vitexp.training.checkpoint import resolve_pretrained
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from test_config import compose_cfg
-from vitexp import recipes
+from vitexp.analysis import recipes
 from vitexp.config import validate
 from vitexp.reproduce import plan
 
@@ -83,7 +83,7 @@ def test_the_table_pairs_trained_and_averaged_weights_per_level(tmp_path: Path):
 def test_the_report_tables_an_augreg_sweep_by_level(tmp_path: Path):
     """`python -m vitexp.report` on the augreg_sweep multirun: one row per level (`none` is
     the option's name, not null), seeds averaged within a level only."""
-    from vitexp.report import summarise_sweep
+    from vitexp.analysis.tables import summarise_sweep
 
     for i, (level, seed, score) in enumerate(
         [("none", 0, 0.5), ("none", 1, 0.7), ("heavy", 0, 0.2), ("heavy", 1, 0.4)]

@@ -15,8 +15,7 @@ from matplotlib.colors import to_hex
 from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
 
-from vitexp.models.pos_embed import STEM_ONLY_KINDS
-from vitexp.report import (
+from vitexp.analysis.tables import (
     COLUMNS,
     choose_view,
     collect,
@@ -27,6 +26,7 @@ from vitexp.report import (
     summarise_axes,
     table_figure,
 )
+from vitexp.models.pos_embed import STEM_ONLY_KINDS
 
 
 def write_job(

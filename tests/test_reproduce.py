@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vitexp.claims import judge
+from vitexp.analysis.claims import judge
+from vitexp.analysis.tables import Cell
 from vitexp.errors import ConfigError
-from vitexp.report import Cell
 from vitexp.reproduce import STUDIES, plan
 
 
@@ -122,7 +122,7 @@ def test_claims_follow_their_rules():
 
 
 def test_pretraining_transfers_when_the_paired_gain_beats_two_standard_errors():
-    from vitexp.claims import pretraining_transfers
+    from vitexp.analysis.claims import pretraining_transfers
 
     held = pretraining_transfers({0: (0.90, 0.85), 1: (0.91, 0.86), 2: (0.89, 0.85)})
     assert held.held is True and "paired gain +0.0467" in held.measured
@@ -140,7 +140,7 @@ def controlled(cell_: Cell, *controls: float) -> Cell:
 
 
 def test_a_probe_that_does_not_beat_random_weights_decides_nothing():
-    from vitexp.claims import probe_tells
+    from vitexp.analysis.claims import probe_tells
 
     table8 = {
         ("none", "stem"): controlled(cell(0.50, 0.52, 0.51), 0.40, 0.41, 0.40),
@@ -316,7 +316,7 @@ def jobs_running_in(out: Path) -> list[int]:
 
 
 def test_data_size_is_judged_on_dataset_a_where_every_cell_has_it_and_names_the_crossover():
-    from vitexp.claims import crossover, vit_needs_more_data
+    from vitexp.analysis.claims import crossover, vit_needs_more_data
 
     def scaled(model: str, n: int, fewshot: float, test: float) -> Cell:
         # 2 seeds, each below its control: the probe cannot tell

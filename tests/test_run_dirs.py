@@ -16,9 +16,9 @@ import pytest
 from data_helpers import write_folder
 from test_config import _cli
 from test_train import TINY, train
-from vitexp.checkpoint import resolve_pretrained
 from vitexp.errors import CheckpointError
-from vitexp.rundir import remove_new_empty_dirs
+from vitexp.training.checkpoint import resolve_pretrained
+from vitexp.training.rundir import remove_new_empty_dirs
 
 QUICK = [*TINY, "fewshot.enabled=false"]
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vitexp.errors import Interrupted
-from vitexp.stopping import CompileCacheError, as_stop, damaged_compile_cache
+from vitexp.training.stopping import CompileCacheError, as_stop, damaged_compile_cache
 
 pytestmark = pytest.mark.slow
 
@@ -67,16 +67,16 @@ def before(owner, name, when=lambda *a, **k: True, seconds=60):
 
 
 if phase == "setup":  # reading the data's splits
-    import vitexp.train
-    before(vitexp.train, "check_data")
+    import vitexp.training.steps
+    before(vitexp.training.steps, "check_data")
 elif phase == "compile":  # inside the first torch.compile (Inductor's entry)
     import torch._inductor.compile_fx
     before(torch._inductor.compile_fx, "compile_fx")
 elif phase == "validation":  # the first validation (Lightning's sanity check)
-    from vitexp.module import ViTModule
+    from vitexp.training.module import ViTModule
     before(ViTModule, "validation_step")
 elif phase == "training":  # a training step after step 2 (and its checkpoint)
-    from vitexp.module import ViTModule
+    from vitexp.training.module import ViTModule
     before(ViTModule, "training_step", lambda self, *a: self.global_step >= 3, seconds=2)
 
 from vitexp.train import main

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from data_helpers import data_cfg, pixel_ids, write_parquet
-from vitexp.callbacks import DDPWorkerWatch
 from vitexp.data import ImageDataModule
 from vitexp.data.images import ImageDecoder
 from vitexp.errors import DataError
+from vitexp.training.callbacks import DDPWorkerWatch
 
 SMALL, LARGE = range(0, 8), range(8, 52)  # two parquet shards of 8 and 44 rows
 
@@ -265,7 +265,7 @@ BLOCKED = textwrap.dedent(
                             timeout=datetime.timedelta(seconds=120))
     if rank == 1:
         time.sleep(120)  # never joins the collective
-    from vitexp.callbacks import SignalDeadline
+    from vitexp.training.callbacks import SignalDeadline
 
     def graceful(signum, frame):  # stands in for Lightning's handler
         print("graceful stop", file=sys.stderr, flush=True)

@@ -13,8 +13,8 @@ import torch
 
 from data_helpers import data_cfg, pixel_ids, write_folder, write_parquet
 from test_config import error_line
-from vitexp.config import DataConfig, check_subset
 from vitexp.data import ImageDataModule
+from vitexp.data.config import DataConfig, check_subset
 from vitexp.data.sources import balanced_subset, subset_order
 from vitexp.errors import ConfigError, DataError
 

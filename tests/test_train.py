@@ -10,13 +10,13 @@ import torch
 
 from test_config import compose_cfg
 from vitexp import load_model
-from vitexp.checkpoint import load_pretrained
 from vitexp.config import validate
 from vitexp.errors import CheckpointError, ConfigError
 from vitexp.models import VisionTransformer
 from vitexp.models.factory import config_from_record
 from vitexp.train import run
-from vitexp.trainer import build_trainer
+from vitexp.training.checkpoint import load_pretrained
+from vitexp.training.trainer import build_trainer
 
 from conftest import VALID_CELLS
 

@@ -20,18 +20,9 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-from vitexp.errors import CheckpointError, ConfigError, DataError
-from vitexp.models.factory import model_record
-from vitexp.visualize import (
-    FILES,
-    FiguresCallback,
-    VisualizeCommandConfig,
-    log_figures,
-    make_figures,
-    visualize_checkpoint,
-)
-from vitexp.viz import plots
-from vitexp.viz.compute import (
+from vitexp.analysis.figures import FILES, FiguresCallback, log_figures, make_figures
+from vitexp.analysis.viz import plots
+from vitexp.analysis.viz.compute import (
     attention_rollout,
     embedding_filter_pcs,
     embedding_filters,
@@ -45,7 +36,10 @@ from vitexp.viz.compute import (
     token_boxes,
     tokens_to_pixels,
 )
-from vitexp.viz.images import center_crop_resize, load_images
+from vitexp.analysis.viz.images import center_crop_resize, load_images
+from vitexp.errors import CheckpointError, ConfigError, DataError
+from vitexp.models.factory import model_record
+from vitexp.visualize import VisualizeCommandConfig, visualize_checkpoint
 
 from conftest import randomize_, tiny_vit
 

@@ -9,7 +9,7 @@ from typing import Any
 def __getattr__(name: str) -> Any:
     # loaded on first use: `import vitexp.models` alone stays free of Lightning
     if name == "load_model":
-        from vitexp.checkpoint import load_model
+        from vitexp.training.checkpoint import load_model
 
         return load_model
     raise AttributeError(f"module 'vitexp' has no attribute {name!r}")

@@ -1,14 +1,17 @@
 """Structured configs (the schema of `configs/`) and the checks run before anything is built.
 
-Each dataclass is one Hydra group and maps to one place in the code:
+The schema composes the parts' own configs (each part owns its dataclass and its checks;
+no part imports this module) with the run's settings defined here. Each dataclass is one
+Hydra group and maps to one place in the code:
 
-    data/      DataConfig      -> vitexp.data.ImageDataModule
+    data/      DataConfig      -> vitexp.data.ImageDataModule (owned by vitexp.data.config,
+                                  with `validate_data`; data/augment: AugmentConfig)
     model/     ViTConfig       -> vitexp.models.VisionTransformer (model/pos_embed: PosEmbedSpec);
                                   the choices are vitexp.models.factory.SIZES
-    optim/     OptimConfig     -> vitexp.module.ViTModule.configure_optimizers
-    schedule/  ScheduleConfig  -> vitexp.module.lr_lambda
-    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.trainer.build_trainer)
-    logger/    LoggerConfig    -> vitexp.trainer.build_logger
+    optim/     OptimConfig     -> vitexp.training.module.ViTModule.configure_optimizers
+    schedule/  ScheduleConfig  -> vitexp.training.module.lr_lambda
+    trainer/   TrainerConfig   -> lightning.Trainer (vitexp.training.trainer.build_trainer)
+    logger/    LoggerConfig    -> vitexp.training.trainer.build_logger
 
 OmegaConf checks types and unknown keys while Hydra composes; `validate` checks values
 and combinations and raises `ConfigError` with one line naming the key, the value and
@@ -24,105 +27,19 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vitexp.errors import ConfigError
+from vitexp.data.config import DataConfig, validate_data
+from vitexp.errors import ConfigError, check_fraction, check_one_of, check_positive
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 STAGES = ("pretrain", "finetune")
-SOURCES = ("digits", "fashion_mnist", "shapes", "torchvision", "imagefolder", "hf", "litdata")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine", "constant")
 LOSSES = ("softmax", "sigmoid")
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-ON_CORRUPT = ("skip", "error")
-DECODES = ("cpu", "gpu")
 PRETRAINED_WEIGHTS = ("averaged", "raw")
 FSDP_STATE_DICTS = ("full", "sharded")
-
-
-@dataclass
-class RandAugmentConfig:
-    """torchvision's RandAugment on each training image (AugReg's `randaug(N, M)`).
-
-    num_ops: ops per image (0: off). magnitude: on torchvision's scale, 0 ..
-    num_magnitude_bins - 1, the last bin each op's full range (the RandAugment paper's
-    magnitude 10); AugReg's M (TF scale, 10 = full range) is M x 3 here, capped at 30.
-    """
-
-    num_ops: int = 0
-    magnitude: int = 9
-    num_magnitude_bins: int = 31
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation and eval resizing. Per image: the paper's Inception crop +
-    flip, then RandAugment; per batch (on the device): MixUp or CutMix with soft targets
-    (vitexp.data.transforms.BatchMix). The evaluation path only resizes and crops."""
-
-    random_resized_crop: bool = True
-    scale_min: float = 0.08  # lower bound of the crop's area fraction
-    hflip: bool = True
-    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, center-crop img_size
-    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
-    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha); 0: off
-    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0: off
-    mix_prob: float = 1.0  # probability that a batch is mixed at all (with either on)
-    switch_prob: float = 0.5  # with both on: probability of CutMix instead of MixUp
-
-
-@dataclass
-class ShapesConfig:
-    """Procedural dataset sizes (see vitexp.data.shapes)."""
-
-    num_train: int = 20_000
-    num_val: int = 1_000
-    num_test: int = 2_000
-    cache_dir: str | None = None  # render each split once into a .npy file here (reused)
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"  # label used in results, reports and log keys
-    source: str = (
-        "digits"  # digits | fashion_mnist | shapes | torchvision | imagefolder | hf | litdata
-    )
-    dataset: str | None = None  # torchvision: CIFAR10 | CIFAR100; hf: hub name or builder
-    root: str | None = None  # where the data lives on disk
-    # hf: local files per split, e.g. {train: a.parquet}
-    data_files: dict[str, Any] = field(default_factory=dict)
-    num_classes: int | None = None  # null: from the data; else checked against it
-    # keep only these classes (names or indices of the source's), relabelled 0.. in this
-    # order: e.g. pretrain on 6 Fashion-MNIST classes, transfer to the other 4
-    classes: list[Any] | None = None
-    batch_size: int = 64  # per device
-    global_batch_size: int | None = None  # kept across device counts by accumulation
-    num_workers: int = 2
-    download: bool = False  # never fetch data unless asked
-    seed: int = 0  # seed of the held-out splits
-    val_fraction: float = 0.1  # of train, when the source has no validation split
-    test_fraction: float = 0.2  # of all data, when the source has no test split
-    image_column: str = "image"  # hf
-    label_column: str = "label"  # hf
-    streaming: bool = False  # hf: stream shards instead of downloading/reading them whole
-    train_split: str = "train"  # hf split names
-    val_split: str | None = None
-    test_split: str | None = "test"
-    val_size: int = 1000  # hf streaming: examples taken from the head of train for validation
-    shuffle_buffer: int = 10_000  # hf streaming: rows each loader worker shuffles among
-    on_corrupt: str = "error"  # skip | error: what an unreadable image does
-    # cpu: loader workers decode and augment; gpu: workers send JPEG bytes and the device
-    # decodes (nvjpeg), crops, flips, augments and normalises (vitexp.data.gpu_decode)
-    decode: str = "cpu"
-    # a fixed subset of the training split (after the val/test holdout): null = all of it,
-    # an int = that many images, a float in (0, 1] = that fraction; class-balanced and nested
-    # (a smaller subset is part of a larger one with the same subset_seed); a stream: its
-    # first N rows (vitexp.data.datamodule)
-    subset: Any = None
-    subset_seed: int = 0  # which images the subset holds; independent of the training seed
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
 @dataclass
@@ -156,7 +73,7 @@ class LossConfig:
 
 @dataclass
 class EMAConfig:
-    """Polyak / exponential moving average of the weights (vitexp.averaging), which
+    """Polyak / exponential moving average of the weights (vitexp.training.averaging), which
     validation, test, few-shot, figures and fine-tuning then use. The paper averaged with
     decay 0.9999 for its best ImageNet fine-tunes (Appendix B.1.1)."""
 
@@ -245,7 +162,7 @@ class TrainConfig:
     pretrained_weights: str = "averaged"  # averaged (the EMA, where the run kept one) | raw
     ckpt_path: str | None = None  # resume: a .ckpt path, or `last`
     output_root: str = "outputs"
-    figures: bool = True  # pretraining: the paper's four figures at the end (vitexp.visualize)
+    figures: bool = True  # pretraining: the paper's four figures at the end (analysis.figures)
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING  # a model family's config (ViTConfig); typed by the model= choice
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -279,24 +196,6 @@ def register_configs() -> None:
 
 
 # --- validation --------------------------------------------------------------------------
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-
-
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}={value!r} must be {bound}")
-
-
-def _fraction(key: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
-    if not low <= value < high:
-        raise ConfigError(f"{key}={value!r} must be in [{low}, {high})")
-
-
 def without_hydra(cfg: DictConfig) -> dict[str, Any]:
     """The composed config as plain data, resolved, without Hydra's own node."""
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -338,17 +237,17 @@ def _model_schema(cfg: DictConfig) -> type:
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """Check every value and combination; return the typed config or raise ConfigError."""
     c = cfg if isinstance(cfg, TrainConfig) else to_object(cfg)
-    _one_of("stage", c.stage, STAGES)
+    check_one_of("stage", c.stage, STAGES)
     if c.stage == "finetune" and not c.pretrained:
         raise ConfigError(
             "stage=finetune needs pretrained=PATH (a vitexp .ckpt or a timm .safetensors/.pth)"
         )
-    _validate_data(c.data)
+    validate_data(c.data)
     _validate_model(c.model)
     _validate_optim(c)
-    _one_of("loss.name", c.loss.name, LOSSES)
-    _fraction("loss.label_smoothing", c.loss.label_smoothing)
-    _one_of("pretrained_weights", c.pretrained_weights, PRETRAINED_WEIGHTS)
+    check_one_of("loss.name", c.loss.name, LOSSES)
+    check_fraction("loss.label_smoothing", c.loss.label_smoothing)
+    check_one_of("pretrained_weights", c.pretrained_weights, PRETRAINED_WEIGHTS)
     if c.ema.decay is not None:
         if not 0 < c.ema.decay < 1:
             raise ConfigError(
@@ -371,7 +270,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             "trainer=fsdp shards the weights across ranks; set fewshot.enabled=false "
             "figures=false and run vitexp.fewshot / vitexp.visualize on the checkpoint instead"
         )
-    _one_of("logger.name", c.logger.name, LOGGERS)
+    check_one_of("logger.name", c.logger.name, LOGGERS)
     if c.stage == "pretrain" and c.fewshot.enabled:
         validate_fewshot(c.fewshot)
     return c
@@ -379,112 +278,16 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
 
 def validate_fewshot(f: FewshotConfig, key: str = "fewshot.data", report: bool = True) -> None:
     """Check few-shot settings; `report`: also the k reported in results (training only)."""
-    _validate_data(f.data, key)
+    validate_data(f.data, key)
     if not f.shots or any(k < 1 for k in f.shots):
         raise ConfigError(f"fewshot.shots={list(f.shots)} must be a non-empty list of ints >= 1")
     if report and f.report_shot not in f.shots:
         raise ConfigError(
             f"fewshot.report_shot={f.report_shot} is not in fewshot.shots={list(f.shots)}"
         )
-    _positive("fewshot.draws", f.draws)
-    _positive("fewshot.l2_reg", f.l2_reg)
-    _positive("fewshot.max_test", f.max_test)
-
-
-def _validate_data(d: DataConfig, key: str = "data") -> None:
-    _one_of(f"{key}.source", d.source, SOURCES)
-    _one_of(f"{key}.on_corrupt", d.on_corrupt, ON_CORRUPT)
-    _one_of(f"{key}.decode", d.decode, DECODES)
-    if d.num_classes is not None and d.num_classes < 2:
-        raise ConfigError(f"{key}.num_classes={d.num_classes} must be >= 2")
-    _positive(f"{key}.batch_size", d.batch_size)
-    _positive(f"{key}.global_batch_size", d.global_batch_size)
-    _positive(f"{key}.num_workers", d.num_workers, allow_zero=True)
-    _fraction(f"{key}.val_fraction", d.val_fraction)
-    _fraction(f"{key}.test_fraction", d.test_fraction)
-    _positive(f"{key}.val_size", d.val_size)
-    _positive(f"{key}.shuffle_buffer", d.shuffle_buffer)
-    for split in ("num_train", "num_val", "num_test"):
-        _positive(f"{key}.shapes.{split}", getattr(d.shapes, split))
-    if d.global_batch_size and d.global_batch_size % d.batch_size:
-        raise ConfigError(
-            f"{key}.global_batch_size={d.global_batch_size} is not a multiple of "
-            f"{key}.batch_size={d.batch_size}"
-        )
-    if d.source in ("torchvision", "hf") and not d.dataset:
-        raise ConfigError(
-            f"{key}.dataset is not set; {key}.source={d.source} needs it "
-            "(torchvision: CIFAR10 or CIFAR100; hf: a hub name or a builder such as parquet)"
-        )
-    if d.source == "litdata" and d.subset is not None:
-        raise ConfigError(
-            f"{key}.subset={d.subset!r} is not supported with {key}.source=litdata; pack the "
-            "subset you want (python -m vitexp.pack) or use data=imagefolder / data=hf"
-        )
-    if d.source in ("torchvision", "imagefolder", "litdata") and not d.root:
-        raise ConfigError(
-            f"{key}.root is not set; {key}.source={d.source} reads the images from there "
-            f"({key}.root=/path/to/data)"
-        )
-    check_subset(d, key, ConfigError)
-    if d.classes is not None:
-        kept = list(d.classes)
-        if len(kept) < 2 or len(set(map(str, kept))) != len(kept):
-            raise ConfigError(
-                f"{key}.classes={kept} must name at least 2 different classes (names or indices)"
-            )
-        if d.source == "litdata" or d.streaming:
-            raise ConfigError(
-                f"{key}.classes is not supported for a stream or a pack; pack or stream only "
-                "the classes you want"
-            )
-    a = d.augment
-    if not 0 < a.scale_min <= 1:
-        raise ConfigError(f"{key}.augment.scale_min={a.scale_min} must be in (0, 1]")
-    if not 0 < a.crop_pct <= 1:
-        raise ConfigError(f"{key}.augment.crop_pct={a.crop_pct} must be in (0, 1]")
-    _validate_augment(a, f"{key}.augment")
-
-
-def _validate_augment(a: AugmentConfig, key: str) -> None:
-    r = a.randaugment
-    _positive(f"{key}.randaugment.num_ops", r.num_ops, allow_zero=True)
-    _positive(f"{key}.randaugment.num_magnitude_bins", r.num_magnitude_bins)
-    if not 0 <= r.magnitude < r.num_magnitude_bins:
-        raise ConfigError(
-            f"{key}.randaugment.magnitude={r.magnitude} must be in [0, "
-            f"{r.num_magnitude_bins - 1}] ({key}.randaugment.num_magnitude_bins - 1 is each "
-            "op's full range)"
-        )
-    _positive(f"{key}.mixup_alpha", a.mixup_alpha, allow_zero=True)
-    _positive(f"{key}.cutmix_alpha", a.cutmix_alpha, allow_zero=True)
-    for name in ("mix_prob", "switch_prob"):
-        if not 0 <= getattr(a, name) <= 1:
-            raise ConfigError(f"{key}.{name}={getattr(a, name)!r} must be in [0, 1]")
-
-
-def check_subset(d: DataConfig, key: str = "data", error: type = ConfigError) -> None:
-    """data.subset: null, an int >= 1 (images) or a float in (0, 1] (a fraction of the
-    training split; not for a stream, whose length is unknown); data.subset_seed an int >= 0.
-    Raises `error` with one line naming the key."""
-    value, seed = d.subset, d.subset_seed
-    if type(seed) is not int or seed < 0:
-        raise error(f"{key}.subset_seed={seed!r} must be an int >= 0")
-    if value is None:
-        return
-    if type(value) is int and value >= 1:
-        return
-    if type(value) is float and 0 < value <= 1:
-        if d.source == "hf" and d.streaming:
-            raise error(
-                f"{key}.subset={value!r} is a fraction, but {key}.streaming=true reads a stream "
-                f"of unknown length; give a number of images, e.g. {key}.subset=10000"
-            )
-        return
-    raise error(
-        f"{key}.subset={value!r} must be null (all training images), an int >= 1 (a number "
-        "of images) or a float in (0, 1] (a fraction of the training split)"
-    )
+    check_positive("fewshot.draws", f.draws)
+    check_positive("fewshot.l2_reg", f.l2_reg)
+    check_positive("fewshot.max_test", f.max_test)
 
 
 def _validate_model(m: Any) -> None:
@@ -504,38 +307,38 @@ def _validate_model(m: Any) -> None:
 
 def _validate_optim(c: TrainConfig) -> None:
     o = c.optim
-    _one_of("optim.name", o.name, OPTIMIZERS)
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _fraction("optim.beta1", o.beta1)
-    _fraction("optim.beta2", o.beta2)
-    _fraction("optim.momentum", o.momentum)
+    check_one_of("optim.name", o.name, OPTIMIZERS)
+    check_positive("optim.lr", o.lr)
+    check_positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    check_fraction("optim.beta1", o.beta1)
+    check_fraction("optim.beta2", o.beta2)
+    check_fraction("optim.momentum", o.momentum)
     if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
         raise ConfigError(
             f"optim.layer_decay={o.layer_decay!r} must be in (0, 1] (null: no layer-wise decay)"
         )
     s = c.schedule
-    _one_of("schedule.name", s.name, SCHEDULES)
-    _positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
-    _fraction("schedule.end_lr_ratio", s.end_lr_ratio, 0.0, 1.0 + 1e-9)
+    check_one_of("schedule.name", s.name, SCHEDULES)
+    check_positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    check_fraction("schedule.end_lr_ratio", s.end_lr_ratio, 0.0, 1.0 + 1e-9)
 
 
 def _validate_trainer(t: TrainerConfig) -> None:
-    _one_of("trainer.precision", str(t.precision), PRECISIONS)
+    check_one_of("trainer.precision", str(t.precision), PRECISIONS)
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be > 0 (or -1: use max_epochs)")
     if t.max_steps == -1 and not t.max_epochs:
         raise ConfigError("set trainer.max_steps or trainer.max_epochs (both are unset)")
-    _positive("trainer.max_epochs", t.max_epochs)
-    _positive("trainer.num_nodes", t.num_nodes)
-    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
-    _positive("trainer.gradient_clip_val", t.gradient_clip_val, allow_zero=True)
-    _positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps)
-    _one_of("trainer.fsdp_state_dict", t.fsdp_state_dict, FSDP_STATE_DICTS)
-    _positive("trainer.check_val_every_n_epoch", t.check_val_every_n_epoch)
+    check_positive("trainer.max_epochs", t.max_epochs)
+    check_positive("trainer.num_nodes", t.num_nodes)
+    check_positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    check_positive("trainer.gradient_clip_val", t.gradient_clip_val, allow_zero=True)
+    check_positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps)
+    check_one_of("trainer.fsdp_state_dict", t.fsdp_state_dict, FSDP_STATE_DICTS)
+    check_positive("trainer.check_val_every_n_epoch", t.check_val_every_n_epoch)
     if isinstance(t.val_check_interval, (int, float)):
-        _positive("trainer.val_check_interval", t.val_check_interval)
-    _positive("trainer.ddp_timeout_s", t.ddp_timeout_s)
+        check_positive("trainer.val_check_interval", t.val_check_interval)
+    check_positive("trainer.ddp_timeout_s", t.ddp_timeout_s)
     devices = t.devices
     if type(devices) is int and (devices == 0 or devices < -1):
         raise ConfigError(f"trainer.devices={t.devices} must be >= 1, -1 (all) or a list")

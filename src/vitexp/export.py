@@ -12,7 +12,7 @@ model in the formats the ecosystem loads, with a model card.
     onnx         model.onnx: the same graph (needs the `onnx` package).
 
 Every format exports the checkpoint's `state_dict`: the weight average where the run kept
-one. README.md beside the weights is the model card (`vitexp.model_card`).
+one. README.md beside the weights is the model card (`vitexp.analysis.model_card`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_timm(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]:
     from safetensors.torch import save_file
 
-    from vitexp.files import write_atomic
+    from vitexp.data.files import write_atomic
 
     args = timm_model_args(model)
     names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
@@ -205,8 +205,8 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
 
 def export(c: ExportCommandConfig) -> list[Path]:
     """Write the chosen format and the model card into `c.out`; returns the files."""
-    from vitexp.checkpoint import read_model, resolve_pretrained
-    from vitexp.model_card import write_model_card
+    from vitexp.analysis.model_card import write_model_card
+    from vitexp.training.checkpoint import read_model, resolve_pretrained
 
     if not c.pretrained:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
@@ -229,7 +229,7 @@ def export(c: ExportCommandConfig) -> list[Path]:
 
 
 def main() -> None:
-    from vitexp.cli import hydra_command
+    from vitexp.training.cli import hydra_command
 
     hydra_command("export", ExportCommandConfig, export)
 

@@ -10,7 +10,7 @@ A few minutes of real `vitexp.train` runs with the GPU presets' switches, each c
     5. throughput of `vitexp.train`'s own training step (img/s; MFU on a known GPU)
     6. loader or step: which one is the bottleneck of the run that the given overrides
        describe (`python -m vitexp.gpu_check data=imagenet1k data.root=...`; without any,
-       JPEGs it writes), decode=cpu and on a GPU decode=gpu (vitexp.loader_check)
+       JPEGs it writes), decode=cpu and on a GPU decode=gpu (vitexp.training.bottleneck)
 
 On a machine without a GPU it runs the same checks on the CPU (its "CPU half": bf16 and
 compile exist there too), which is what CI runs. Prints one line per check and writes
@@ -158,7 +158,13 @@ def check_ddp(work: Path, gpu: bool) -> dict[str, Any]:
 
 def check_throughput(gpu: bool) -> dict[str, Any]:
     """img/s of vitexp.train's step: ViT-B/16 at 224 on a GPU, the debug model on CPU."""
-    from vitexp.bench import Case, Setup, lightning_step, peak_flops, train_flops_per_image
+    from vitexp.training.throughput import (
+        Case,
+        Setup,
+        lightning_step,
+        peak_flops,
+        train_flops_per_image,
+    )
 
     if gpu:
         case, setup = Case("B/16", 224, 128), Setup("cuda", "bfloat16", True, warmup=5)
@@ -179,8 +185,8 @@ def check_throughput(gpu: bool) -> dict[str, Any]:
 
 
 def check_bottleneck(overrides: list[str], gpu: bool) -> dict[str, Any]:
-    """The run's loader against its step (vitexp.loader_check)."""
-    from vitexp.loader_check import check
+    """The run's loader against its step (vitexp.training.bottleneck)."""
+    from vitexp.training.bottleneck import check
 
     return check(overrides, gpu)
 
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": [c.__dict__ for c in checks],
     }
     out = Path(args.out)
-    from vitexp.files import write_atomic
+    from vitexp.data.files import write_atomic
 
     write_atomic(out, json.dumps(report, indent=2) + "\n")
     failed = [c.name for c in checks if not c.ok]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vitexp.config import ON_CORRUPT, AugmentConfig
+from vitexp.data.config import ON_CORRUPT, AugmentConfig
 from vitexp.data.images import IMAGE_SUFFIXES
 from vitexp.errors import ConfigError, DataError
 
@@ -67,10 +67,10 @@ def predict(c: PredictCommandConfig) -> list[dict[str, Any]]:
     """Top-k predictions of every readable image; writes `c.out` and returns its rows."""
     from rich.progress import track
 
-    from vitexp.checkpoint import model_from, read_checkpoint, resolve_pretrained
+    from vitexp.data.files import write_atomic
     from vitexp.data.images import ImageDecoder
     from vitexp.data.transforms import build_transforms
-    from vitexp.files import write_atomic
+    from vitexp.training.checkpoint import model_from, read_checkpoint, resolve_pretrained
 
     if not c.pretrained:
         raise ConfigError("pretrained is not set; give a checkpoint: pretrained=PATH/last.ckpt")
@@ -145,7 +145,7 @@ def print_table(rows: list[dict[str, Any]], loss: str, skipped: int, shown: int 
 
 
 def main() -> None:
-    from vitexp.cli import hydra_command
+    from vitexp.training.cli import hydra_command
 
     hydra_command("predict", PredictCommandConfig, predict)
 

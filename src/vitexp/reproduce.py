@@ -8,7 +8,7 @@ self-contained report.html. The claims are judged on the real data.
     real_transfer/  fashion_finetune from real_table8's 1-D stem runs vs fashion_scratch
     table8/         opt-in: the ablation_posemb preset x 3 seeds (Table 8 on shapes/digits)
     data_scaling/   opt-in: the data_scaling preset x 2 seeds (Figure 4 on shapes/digits)
-    recipes/        opt-in: AugReg levels and EMA (vitexp.recipes)
+    recipes/        opt-in: AugReg levels and EMA (vitexp.analysis.recipes)
     report.html     tables, plots, figures, the claims' numbers, configs and timings
 
 Each job is one `python -m vitexp.train` run in its own fixed directory, so the command is
@@ -35,9 +35,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitexp.cli import run_cli
+from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError, Interrupted
-from vitexp.files import write_atomic
+from vitexp.training.cli import run_cli
 
 # study -> (preset, seeds): 3 seeds for Table 8, 2 for the data-size study (its BiT runs
 # cost twice the ViT's)
@@ -132,7 +132,7 @@ def quickstart_jobs(out: Path) -> list[Job]:
 
 STUDIES = ("quickstart", "real_table8", "real_scaling", "real_transfer")  # the default
 # opt-in: the embedded data's Table 8 and data size (the fast path of earlier versions), and
-# AugReg levels x seeds, each pretraining fine-tuned (vitexp.recipes)
+# AugReg levels x seeds, each pretraining fine-tuned (vitexp.analysis.recipes)
 OPTIONAL_STUDIES = ("table8", "data_scaling", "recipes")
 
 
@@ -143,7 +143,7 @@ def seed_of(job: Job) -> str:
 
 def recipe_jobs(out: Path, seeds: int | None) -> list[Job]:
     """The augreg_sweep preset's pretrainings, then each one fine-tuned on digits."""
-    from vitexp import recipes
+    from vitexp.analysis import recipes
 
     pretrain = sweep_jobs("recipes", recipes.PRESET, seeds or recipes.SEEDS)
     finetune = [
@@ -188,7 +188,7 @@ def plan(
     study's own number of seeds; `extra` overrides go to every job (e.g. trainer=gpu)."""
     from vitexp.config import validate
     from vitexp.models import NotApplicableCell
-    from vitexp.rundir import write_job_record
+    from vitexp.training.rundir import write_job_record
 
     known = (*STUDIES, *OPTIONAL_STUDIES)
     unknown = [s for s in studies if s not in known]
@@ -218,7 +218,7 @@ def plan(
                 write_job_record(job_dir, cfg, "n/a", str(err), job.overrides)
                 continue
             except Exception as err:  # one line naming the job, then the config's message
-                from vitexp.cli import one_line
+                from vitexp.training.cli import one_line
 
                 raise ConfigError(f"{job.key}: {one_line(err)}") from err
             if (job_dir / RESULTS).is_file():
@@ -361,8 +361,8 @@ def fashion_test_images(folder: Path, per_class: int = 1) -> Path:
     model's attention is measured on (the bundled photographs are not its domain)."""
     from PIL import Image
 
-    from vitexp.config import DataConfig
     from vitexp.data import fashion_mnist
+    from vitexp.data.config import DataConfig
 
     x, y = fashion_mnist.load(DataConfig(name="fashion_mnist", source="fashion_mnist"))[0]["test"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -396,8 +396,8 @@ def reproduce(
     extra: tuple[str, ...] = (),
 ) -> Path:
     """Run (or continue) everything, then write the study tables and report.html."""
-    from vitexp import report
-    from vitexp.report_html import write_report
+    from vitexp.analysis import tables
+    from vitexp.analysis.report_html import write_report
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -411,9 +411,9 @@ def reproduce(
     Runner(out, jobs).run(planned, say)
     if "real_table8" in studies:
         real_figures(out, say)
-    summaries = {s: report.report(out / s) for s in SWEEPS if s in studies}
+    summaries = {s: tables.report(out / s) for s in SWEEPS if s in studies}
     if "recipes" in studies:
-        from vitexp import recipes
+        from vitexp.analysis import recipes
 
         write_atomic(out / "recipes" / "recipes.md", recipes.markdown(out))
         print(recipes.markdown(out), flush=True)

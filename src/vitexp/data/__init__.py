@@ -1,11 +1,15 @@
-"""Datasets, transforms and the LightningDataModule (see datamodule.py for the splits).
+"""Datasets, transforms and the LightningDataModule (see datamodule.py for the splits), the
+data's configs (`DataConfig`, `AugmentConfig` and their checks: config.py), packing
+(pack.py) and atomic file writes (files.py).
 
-The names below are imported on first use: a command that needs only a source (vitexp.pack)
-does not pay for Lightning's import."""
+ImageDataModule and build_transforms are imported on first use: a command that needs only a
+source or a config (vitexp.pack, vitexp.config) does not pay for Lightning's import."""
 
 from typing import Any
 
-__all__ = ["ImageDataModule", "build_transforms"]
+from vitexp.data.config import AugmentConfig, DataConfig
+
+__all__ = ["AugmentConfig", "DataConfig", "ImageDataModule", "build_transforms"]
 
 
 def __getattr__(name: str) -> Any:

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
-from vitexp.config import SOURCES, DataConfig, check_subset
 from vitexp.data import gpu_decode, hf, images, sources
 from vitexp.data import litdata as packs
+from vitexp.data.config import SOURCES, DataConfig, check_subset
 from vitexp.data.parquet import ParquetStream
 from vitexp.data.transforms import build_transforms
 from vitexp.errors import DataError
@@ -358,7 +358,7 @@ class ImageDataModule(L.LightningDataModule):
 
 def _init_worker(worker_id: int) -> None:
     """A loader worker ignores Ctrl-C: the terminal sends it to the whole process group, and
-    the main process stops at the end of the batch (vitexp.callbacks.PreemptionCheckpoint),
+    the main process stops at the end of the batch (vitexp.training.callbacks.PreemptionCheckpoint),
     which needs its workers alive until then. Lightning's worker seeding is kept."""
     import os
     import signal

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitexp.config import DataConfig
+from vitexp.data.config import DataConfig
 from vitexp.errors import DataError
 
 CLASS_NAMES = [

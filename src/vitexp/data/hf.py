@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitexp.config import DataConfig
+from vitexp.data.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.data.parquet import ParquetShards, ParquetStream, RowsSplit, check_label, row_name
 from vitexp.data.sources import HF_BUILDERS, Splits, _fractions

@@ -35,7 +35,7 @@ from litdata.utilities.env import _DistributedEnv
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitexp.config import DataConfig
+from vitexp.data.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.data.sources import Splits
 from vitexp.errors import DataError

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from vitexp.config import DataConfig
 from vitexp.data import sources
+from vitexp.data.config import DataConfig
 from vitexp.data.images import ImageDecoder
 from vitexp.errors import DataError
 

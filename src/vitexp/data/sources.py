@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitexp.config import DataConfig
 from vitexp.data import shapes as shapes_lib
+from vitexp.data.config import DataConfig
 from vitexp.data.images import IMAGE_SUFFIXES, ImageDecoder
 from vitexp.errors import DataError
 

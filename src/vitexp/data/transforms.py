@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from vitexp.config import AugmentConfig
+from vitexp.data.config import AugmentConfig
 
 
 def build_transforms(

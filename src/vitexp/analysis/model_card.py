@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from vitexp.checkpoint import run_dir_of
-from vitexp.files import write_atomic
+from vitexp.data.files import write_atomic
+from vitexp.training.checkpoint import run_dir_of
 
 
 def _read(path: Path) -> dict[str, Any]:

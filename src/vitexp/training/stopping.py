@@ -6,9 +6,9 @@ a damaged compile cache), and a run directory that holds nothing of value is rem
 How the signal arrives depends on when:
 
 - outside `trainer.fit`, and inside it until Lightning installs its handler: Ctrl-C is
-  Python's KeyboardInterrupt, SIGTERM `vitexp.errors.Terminated` (`vitexp.cli.run_cli`);
+  Python's KeyboardInterrupt, SIGTERM `vitexp.errors.Terminated` (`vitexp.training.cli.run_cli`);
 - inside fit, until a training batch has finished (nothing to save yet), the same, at once
-  (`vitexp.callbacks.PreemptionCheckpoint`); after that, Lightning's `SIGTERMException` at
+  (`vitexp.training.callbacks.PreemptionCheckpoint`); after that, Lightning's `SIGTERMException` at
   the end of the batch, once last.ckpt holds it;
 - Lightning turns a KeyboardInterrupt inside fit or test into `SystemExit(1)`, whose
   `__context__` still says which.
@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitexp.errors import CheckpointError, Interrupted, VitexpError
+from vitexp.errors import CheckpointError, Interrupted, Terminated, VitexpError
+from vitexp.training import rundir
+from vitexp.training.cli import in_multirun
 
 CTRL_C = "interrupted (Ctrl-C)"
 SIGNALLED = "stopped by a signal"
@@ -54,7 +56,7 @@ def _sigterm_exception() -> type | tuple:
 
 
 def interrupted_by_user(trainer: Any) -> bool:
-    """Ctrl-C seen by vitexp.callbacks.PreemptionCheckpoint (not SIGTERM or preemption)."""
+    """Ctrl-C seen by vitexp.training.callbacks.PreemptionCheckpoint (not SIGTERM or preemption)."""
     return any(getattr(cb, "interrupted", False) for cb in getattr(trainer, "callbacks", []))
 
 
@@ -65,7 +67,7 @@ def what_was_kept(run_dir: Path | None, step: int, resuming: str | None = None) 
         if resuming:
             return f"nothing written: resume as before, with ckpt_path={resuming}"
         return "nothing to resume: no step finished"
-    from vitexp.checkpoint import checkpoint_exists
+    from vitexp.training.checkpoint import checkpoint_exists
 
     last = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint_exists(last):
@@ -83,7 +85,7 @@ def stop_line(how: str, run_dir: Path | None, step: int, resuming: str | None = 
 
 
 def saved_step(ckpt: Path) -> int | str:
-    from vitexp.checkpoint import read_checkpoint
+    from vitexp.training.checkpoint import read_checkpoint
 
     try:
         return int(read_checkpoint(ckpt, "ckpt_path", weights=False).get("global_step", 0))
@@ -143,3 +145,35 @@ def damaged_compile_cache(err: BaseException) -> str | None:
             return folder
         err = err.__cause__ or getattr(err, "inner_exception", None) or err.__context__
     return None
+
+
+# --- the stop of a run ----------------------------------------------------------------------
+def stopped(err: BaseException, attempt: rundir.Attempt) -> BaseException | None:
+    """What a stop by signal, or a damaged compile cache, becomes: its line in train.log, the
+    run directory removed if it holds nothing of value, and the one-line error to raise
+    (None for any other error)."""
+    stop = as_stop(err, attempt.run_dir, attempt.trainer, attempt.ckpt_path)
+    if stop is None:
+        return None
+    rundir.stop_logging_to_file(str(stop))
+    if not is_rank_zero():
+        sys.exit(stop.exit_code)  # every rank stopped at the same step: rank 0 says so, once
+    rundir.discard_if_worthless(attempt)
+    if stop.exit_code == Interrupted.exit_code and os.environ.get("SLURM_JOB_ID"):
+        # SLURM requeues or cancels the job: no result (a failed one) for submitit
+        print(f"error: {stop}", file=sys.stderr, flush=True)
+        sys.exit(Interrupted.exit_code)
+    if in_multirun() and isinstance(stop, Interrupted):
+        # the whole sweep stops (Hydra would go on to the next job after an Exception)
+        sweep_stop = Terminated if stop.exit_code == Interrupted.exit_code else KeyboardInterrupt
+        return sweep_stop(str(stop))
+    return stop
+
+
+def is_rank_zero() -> bool:
+    """Rank 0, or a single process (a config error comes before Lightning is imported)."""
+    if "lightning" not in sys.modules:
+        return True
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.textpath import text_to_path
 
-from vitexp.viz.compute import similarity_mosaic, unit_range
+from vitexp.analysis.viz.compute import similarity_mosaic, unit_range
 
 DPI = 110
 

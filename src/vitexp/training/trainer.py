@@ -8,8 +8,8 @@ progress bar, timeouts, FSDP state dict) are applied here.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 
-from vitexp.callbacks import (
+from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig
+from vitexp.errors import ConfigError
+from vitexp.training.callbacks import (
     DDPWorkerWatch,
     LastCheckpoint,
     PreemptionCheckpoint,
     SignalDeadline,
     StaleBestCleanup,
 )
-from vitexp.checkpoint import AtomicCheckpointIO, read_checkpoint, remove_path, replace_dir
-from vitexp.config import LoggerConfig, TrainConfig, TrainerConfig
-from vitexp.errors import ConfigError
-from vitexp.progress import ProgressBar, ValidationLog
-
-log = logging.getLogger("vitexp")
+from vitexp.training.checkpoint import AtomicCheckpointIO, read_checkpoint, remove_path, replace_dir
+from vitexp.training.progress import ProgressBar, ValidationLog
 
 
 def build_logger(cfg: LoggerConfig, run_dir: Path):
@@ -184,14 +182,22 @@ class ShardedStrategy(FSDPStrategy):
 
 
 def weight_average(trainer: L.Trainer):
-    """The run's `vitexp.averaging.WeightAverage` callback, or None (no `ema.decay`)."""
-    from vitexp.averaging import WeightAverage
+    """The run's `vitexp.training.averaging.WeightAverage` callback, or None (no `ema.decay`)."""
+    from vitexp.training.averaging import WeightAverage
 
     return next((cb for cb in trainer.callbacks if isinstance(cb, WeightAverage)), None)
 
 
-def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
-    """The Lightning Trainer of a run; `evaluator` adds few-shot evaluation at validation."""
+def build_trainer(
+    c: TrainConfig,
+    run_dir: Path,
+    evaluation: Sequence[L.Callback] = (),
+    end_of_fit: Sequence[L.Callback] = (),
+) -> L.Trainer:
+    """The Lightning Trainer of a run. `evaluation`: callbacks that score the model at every
+    validation (the few-shot probe); `end_of_fit`: callbacks that use the final model when
+    training ends (the paper's figures). `vitexp.train` builds both from vitexp.analysis
+    (training never imports it); the Trainer places them around the weight average."""
     t = c.trainer
     checkpoints = run_dir / "checkpoints"
     callbacks = [
@@ -211,27 +217,20 @@ def build_trainer(c: TrainConfig, run_dir: Path, evaluator=None) -> L.Trainer:
         DDPWorkerWatch(checkpoints / "last.ckpt"),
         SignalDeadline(t.ddp_timeout_s),
     ]
-    if evaluator is not None:
-        from vitexp.fewshot import FewShotCallback
-
-        callbacks.append(FewShotCallback(evaluator))
+    callbacks.extend(evaluation)
     if c.ema.decay is not None:
-        # after the few-shot callback, which scores the average before it is swapped out at
-        # the end of a validation, and before the figures, drawn of the average
-        from vitexp.averaging import WeightAverage
+        # after the evaluation callbacks, which score the average before it is swapped out
+        # at the end of a validation, and before the end-of-fit ones (the figures, drawn of
+        # the average)
+        from vitexp.training.averaging import WeightAverage
 
         callbacks.append(WeightAverage(c.ema))
-    if c.stage == "pretrain" and c.figures:
-        from vitexp.visualize import FiguresCallback, draws
-
-        if draws(c.model):
-            callbacks.append(FiguresCallback(run_dir / "figures", c.model.mean, c.model.std))
-        else:
-            log.info("figures: the paper's figures are of ViTs; none for %s", c.model.name)
+    callbacks.extend(end_of_fit)
     callbacks.append(ValidationLog())
     if t.progress_bar:
         callbacks.append(ProgressBar(t.log_every_n_steps))
-    # under SLURM, requeueing is submitit's or vitexp's (see vitexp.callbacks), not Lightning's
+    # under SLURM, requeueing is submitit's or vitexp's (see vitexp.training.callbacks), not
+    # Lightning's
     slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     lightning = t.lightning_args()
     lightning.update(  # the Trainer arguments whose values vitexp resolves

@@ -13,9 +13,9 @@ Preemption, who does what (one owner each, so that nothing is requeued twice):
   vitexp runs `scontrol requeue` itself. Lightning's own SLURM auto-requeue (which saves in
   the middle of a step) is switched off.
 - A requeued job (SLURM_RESTART_COUNT > 0) resumes from its run directory's last.ckpt
-  without being told (`vitexp.rundir.resolve_run_dir`).
+  without being told (`vitexp.training.rundir.resolve_run_dir`).
 - Until a training batch has finished there is nothing to save: SIGTERM and Ctrl-C stop at
-  once (`Terminated`, KeyboardInterrupt), and `vitexp.stopping` says so in one line.
+  once (`Terminated`, KeyboardInterrupt), and `vitexp.training.stopping` says so in one line.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vitexp.checkpoint import SHARDED_META, checkpoint_exists, is_sharded, remove_path
 from vitexp.errors import Terminated
+from vitexp.training.checkpoint import SHARDED_META, checkpoint_exists, is_sharded, remove_path
 
 log = logging.getLogger("vitexp")
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)

@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.config import TrainConfig, without_hydra
+from vitexp.data.files import write_atomic
 from vitexp.errors import CheckpointError, ConfigError
-from vitexp.files import write_atomic
 
 log = logging.getLogger("vitexp")
 _IMPORTED_AT = time.time() - 1.0  # mtime granularity: a directory Hydra makes is newer
@@ -33,7 +33,7 @@ def hydra_run_dir() -> Path:
 
 def finished_requeue(hydra_dir: Path) -> dict | None:
     """A requeued SLURM job whose run had already finished: its results."""
-    from vitexp.callbacks import requeue_count
+    from vitexp.training.callbacks import requeue_count
 
     if requeue_count() > 0 and (hydra_dir / "results.json").is_file():
         log.info("requeued SLURM job had finished: %s/results.json", hydra_dir)
@@ -49,8 +49,8 @@ def resolve_run_dir(c: TrainConfig, hydra_dir: Path) -> tuple[Path, Path | None]
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from vitexp.callbacks import requeue_count
-    from vitexp.checkpoint import checkpoint_exists
+    from vitexp.training.callbacks import requeue_count
+    from vitexp.training.checkpoint import checkpoint_exists
 
     last = hydra_dir / "checkpoints" / "last.ckpt"
     if c.ckpt_path is None and requeue_count() > 0 and checkpoint_exists(last):
@@ -94,7 +94,7 @@ RUN_LOG = "vitexp-train-log"  # the name of the train.log handler of the run in 
 
 def logged() -> tuple[str, ...]:
     """The loggers whose records train.log keeps: vitexp's and Lightning's."""
-    from vitexp.progress import CHATTY
+    from vitexp.training.progress import CHATTY
 
     return ("vitexp", *CHATTY)
 
@@ -104,7 +104,7 @@ def log_to_file(run_dir: Path) -> None:
     at each validation, the result, any error), on rank 0."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from vitexp.progress import flush_early_log
+    from vitexp.training.progress import flush_early_log
 
     if rank_zero_only.rank != 0:
         return

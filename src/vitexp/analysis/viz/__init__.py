@@ -1,2 +1,2 @@
 """Computations (`compute`), drawing (`plots`) and input images (`images`) behind
-`vitexp.visualize`, the paper's figures."""
+`vitexp.analysis.figures`, the paper's figures (`python -m vitexp.visualize`)."""

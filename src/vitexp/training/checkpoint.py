@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from vitexp.data.files import fsync_dir
 from vitexp.errors import CheckpointError
-from vitexp.files import fsync_dir
 from vitexp.models.convert import load_timm_weights
 from vitexp.models.factory import build_model, config_from_record, family_of
 
@@ -84,7 +84,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     truncated checkpoint where the good one was. Here the bytes go to a hidden file in the
     target's own directory, are flushed to disk, and `os.replace` swaps them in. Under
     trainer=fsdp, Lightning hands it the `full` checkpoints (rank 0 writes them); `sharded`
-    directories are swapped in by `vitexp.trainer.ShardedStrategy` with `replace_dir`.
+    directories are swapped in by `vitexp.training.trainer.ShardedStrategy` with `replace_dir`.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -221,7 +221,7 @@ def read_model(path: str | Path, what: str = "checkpoint") -> tuple[nn.Module, d
     """The model of a vitexp checkpoint with its weights, in eval mode on the CPU, and the
     checkpoint's record (`checkpoint["vitexp"]`: stage, data, ...). The weights are the
     checkpoint's `state_dict`: of a run that kept a weight average (`ema.decay`), the
-    average (the trained weights are in `current_model_state`, vitexp.averaging)."""
+    average (the trained weights are in `current_model_state`, vitexp.training.averaging)."""
     return model_from(read_checkpoint(path, what), path, what)
 
 

@@ -2,7 +2,7 @@
 URI, no script, no network) that a browser opens offline.
 
 Its tables hold, in each data cell (<td>), a number or N/A; names are header cells (<th>).
-Sections: the claims and their verdicts (vitexp.claims), the quickstart against the pixel
+Sections: the claims and their verdicts (vitexp.analysis.claims), the quickstart against the pixel
 baselines and training from scratch, Table 8, the data-size experiment, the four figures,
 the timings, and the configs.
 """
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitexp.claims import judge
-from vitexp.files import write_atomic
+from vitexp.analysis.claims import judge
+from vitexp.data.files import write_atomic
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
@@ -86,7 +86,7 @@ def claims_section(claims: list, where: str) -> str:
 def published_section() -> str:
     """Fashion-MNIST's published test accuracies: what `+experiment=fashion_mnist` (not
     one of reproduce's studies) is placed among."""
-    from vitexp.baselines import PUBLISHED
+    from vitexp.analysis.baselines import PUBLISHED
 
     rows = [(name, [num(acc)]) for name, acc in PUBLISHED["fashion_mnist"].items()]
     return (
@@ -128,8 +128,8 @@ DATASETS = {  # study -> (what dataset A is, its test accuracy note)
 
 
 def table8_section(out: Path, study: str, cells: dict, metric: str) -> str:
-    from vitexp.claims import gain, probe_tells
-    from vitexp.report import COLUMNS, PAPER, ROWS, rows_in, sentence
+    from vitexp.analysis.claims import gain, probe_tells
+    from vitexp.analysis.tables import COLUMNS, PAPER, ROWS, rows_in, sentence
 
     head = [f"{p}: {s}" for p in COLUMNS.values() for s in ("mean", "std")]
     rows, control_rows, test_rows, paper_rows = [], [], [], []
@@ -165,8 +165,8 @@ def table8_section(out: Path, study: str, cells: dict, metric: str) -> str:
 
 
 def scaling_section(out: Path, study: str, cells: dict, metric: str) -> str:
-    from vitexp.claims import gain, probe_tells
-    from vitexp.report import sentence
+    from vitexp.analysis.claims import gain, probe_tells
+    from vitexp.analysis.tables import sentence
 
     rows = []
     for key, c in cells.items():
@@ -235,7 +235,7 @@ def transfer_section(pairs: dict[int, tuple[float, float]]) -> str:
 
 def recipes_section(out: Path) -> str:
     """AugReg levels x EMA (`--studies recipes`), when that study ran."""
-    from vitexp import recipes
+    from vitexp.analysis import recipes
 
     found = recipes.table(out) if (out / "recipes").is_dir() else []
     if not found:
@@ -313,7 +313,7 @@ def configs_section(out: Path, jobs: list) -> str:
 
 def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -> Path:
     """Write out/report.html (and claims.json) from the finished studies' summaries
-    (`vitexp.report.SweepSummary` by study name). The claims are judged on the real-data
+    (`vitexp.analysis.tables.SweepSummary` by study name). The claims are judged on the real-data
     studies where they ran, else on the embedded ones."""
     t8_name = "real_table8" if "real_table8" in studies else "table8"
     sc_name = "real_scaling" if "real_scaling" in studies else "data_scaling"

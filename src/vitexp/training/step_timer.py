@@ -1,6 +1,6 @@
 """The training step alone, timed: `vitexp.train`'s module, Lightning loop and callbacks on
 one in-memory batch, so that neither the loader nor the disk is in the number. Shared by the
-benchmark (`vitexp.bench`) and the loader check (`vitexp.loader_check`)."""
+benchmark (`vitexp.training.throughput`) and the loader check (`vitexp.training.bottleneck`)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def step_times(c: Any, num_classes: int, warmup: int, steps: int) -> list[float]
     has them) on one in-memory batch of data.batch_size images, so that only the step is
     timed; c.trainer.max_steps must be warmup + steps."""
     from vitexp.data.transforms import BatchMix
-    from vitexp.module import ViTModule
-    from vitexp.trainer import build_trainer, speed_switches
+    from vitexp.training.module import ViTModule
+    from vitexp.training.trainer import build_trainer, speed_switches
 
     net = build_model(c.model, num_classes)
     mix = BatchMix.from_config(c.data.augment, num_classes)

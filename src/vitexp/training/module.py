@@ -1,7 +1,7 @@
 """ViTModule: the LightningModule around a VisionTransformer (loss, metrics, optimizers).
 
 Pretraining and fine-tuning differ only in their configs (optimizer, schedule, loss) and in
-how the network was built (`vitexp.checkpoint.load_pretrained`), so one module serves both.
+how the network was built (`vitexp.training.checkpoint.load_pretrained`), so one module serves both.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class ViTModule(L.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record how to rebuild the network (`vitexp.checkpoint.read_model` reads it) and
+        """Record how to rebuild the network (`vitexp.training.checkpoint.read_model` reads it) and
         the RNG state, so that a resumed run draws the same dropout masks. A diverged state
         is never saved."""
         self.raise_if_diverged()

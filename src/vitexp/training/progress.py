@@ -121,7 +121,7 @@ def route_file_only() -> None:
 def quiet_console() -> None:
     """Route library chatter away from the console (warnings become log records, so that
     they can be routed) and keep what it says before the run directory exists, for
-    train.log (`vitexp.rundir.log_to_file` flushes it there)."""
+    train.log (`vitexp.training.rundir.log_to_file` flushes it there)."""
     logging.captureWarnings(True)
     route_file_only()
     # "lightning" has a console handler of its own, and its packages propagate to it (and

@@ -24,8 +24,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from vitexp.checkpoint import RAW_WEIGHTS_KEY
 from vitexp.config import EMAConfig
+from vitexp.training.checkpoint import RAW_WEIGHTS_KEY
 
 
 def ema_update(decay: float, warmup: bool):
