@@ -344,7 +344,8 @@ def test_pack_train_on_two_ranks_sigkill_mid_epoch_resume_equals_uninterrupted(t
     proc.wait()
     assert not (run_dir / "results.json").exists()
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert step in (9, 12) and step % 7  # a mid-epoch checkpoint
+    # a mid-epoch checkpoint: 9 (every 3 steps) or 10 (a validation) when the kill lands late
+    assert 9 <= step < 12 and step % 7
     out = finish(_start(run_dir, root, "ckpt_path=last"))
     resumed = results(run_dir)
     assert resumed["resumed_at_step"] == step and resumed["steps"] == 12
