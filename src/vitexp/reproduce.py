@@ -35,6 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitexp.analysis.report_html import REAL_FIGURES
 from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError, Interrupted
 from vitexp.training.cli import run_cli
@@ -351,9 +352,6 @@ def outcome(out: Path, job: Job) -> str:
     if r.get("fewshot_report"):
         text += f", {r['fewshot_report']} {r['fewshot'][r['fewshot_report']]:.4f}"
     return text
-
-
-REAL_FIGURES = ("real_table8/kind=learned_1d,placement=stem,seed=0", "real_table8/figures")
 
 
 def fashion_test_images(folder: Path, per_class: int = 1) -> Path:

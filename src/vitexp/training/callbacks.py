@@ -150,11 +150,8 @@ class PreemptionCheckpoint(L.Callback):
     def _agree_to_stop(self, trainer: L.Trainer) -> None:
         """Every rank, at the same point of every batch: stop if any rank saw a signal, so
         all of them stop at this batch's end (Lightning checks received_sigterm there)."""
-        import torch
-        import torch.distributed as dist
-
         flag = torch.tensor([float(self.pending)], device=trainer.strategy.root_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0:
             trainer._signal_connector.received_sigterm = True
 
