@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vitexp.models.bit import WS_EPS, BiTConfig, ResNetV2
+from vitexp.models.convert_eva import eva_config_from_timm
 from vitexp.models.pos_embed import resample_grid, square_grid
 from vitexp.models.vit import VisionTransformer, ViTConfig
 
@@ -69,7 +70,8 @@ def _check_supported(timm_model: nn.Module) -> None:
     name = type(timm_model).__name__
     if name != "VisionTransformer":
         raise ValueError(
-            f"from_timm converts timm VisionTransformer and ResNetV2 (BiT) models, got {name}"
+            "from_timm converts timm VisionTransformer, Eva (RoPE-ViT) and ResNetV2 (BiT) "
+            f"models, got {name}"
         )
     problems = [
         f"{attr}={getattr(timm_model, attr)!r}"
@@ -83,7 +85,7 @@ def _check_supported(timm_model: nn.Module) -> None:
     if isinstance(timm_model.norm, nn.Identity) and isinstance(timm_model.fc_norm, nn.Identity):
         problems.append("final_norm=False")
     block = timm_model.blocks[0]
-    for part in ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm"):
+    for part in ("attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm"):
         module = block.get_submodule(part) if _has(block, part) else nn.Identity()
         if not isinstance(module, nn.Identity):
             problems.append(f"blocks.*.{part} ({type(module).__name__})")
@@ -169,7 +171,14 @@ def config_from_timm(timm_model: nn.Module) -> ViTConfig:
         representation_size=representation_size,
         pos_embed="learned_1d" if timm_model.pos_embed is not None else "none",
         norm_eps=block.norm1.eps,
+        layer_scale_init=_layer_scale_init(block),
     )
+
+
+def _layer_scale_init(block: nn.Module) -> float | None:
+    """LayerScale's init of a timm ViT block (any positive value: the weights replace it)."""
+    gamma = getattr(getattr(block, "ls1", None), "gamma", None)
+    return None if gamma is None else 1e-5
 
 
 def _is_square(n: int) -> bool:
@@ -208,7 +217,9 @@ def convert_timm_state_dict(
         if key == "pos_embed":
             out["encoder.pos_embeds.0.weight"] = _pos_embed_for(value, model, grid, no_embed_class)
         elif key.startswith(("blocks.", "norm.")):
-            out["encoder." + key] = value
+            out["encoder." + re.sub(r"\.gamma_(\d)$", r".ls\1.gamma", key)] = value  # Eva's
+        elif key == "rope.freqs":  # RoPE-Mixed's learned frequencies (timm's Eva)
+            out["encoder.rope.freqs"] = value
         elif key.startswith("pre_logits.fc."):
             out[key.replace("pre_logits.fc.", "pre_logits.0.")] = value
         elif re.match(r"^(cls_token|patch_embed\.proj\.|head\.|fc_norm\.)", key):
@@ -229,7 +240,11 @@ def from_timm(timm_model: nn.Module) -> VisionTransformer | ResNetV2:
     BiT ResNet-v2: `bit_from_timm`)."""
     if type(timm_model).__name__ == "ResNetV2":
         return bit_from_timm(timm_model)
-    model = VisionTransformer(config_from_timm(timm_model), num_classes=timm_model.num_classes)
+    if type(timm_model).__name__ == "Eva":
+        config = eva_config_from_timm(timm_model)
+    else:
+        config = config_from_timm(timm_model)
+    model = VisionTransformer(config, num_classes=timm_model.num_classes)
     state = convert_timm_state_dict(
         timm_model.state_dict(),
         model,

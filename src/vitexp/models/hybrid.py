@@ -87,6 +87,16 @@ class HybridEmbed(PatchEmbed):
         super().set_img_size(self.feature_size(img_size))
         self.img_size = img_size
 
+    def set_patch_size(
+        self, patch_size: int | Sequence[int], img_size: int | Sequence[int] | None = None
+    ) -> None:
+        """Refused: the patches are cells of the CNN map, not pixels, and the ResNet that
+        makes the map fixes their size."""
+        raise ValueError(
+            f"patch_size={patch_size}: the hybrid (stem=r50) has 1x1 patches on the CNN "
+            "feature map; its patch size cannot change"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x, self.img_size)
         x = self.proj(self.backbone(x))  # (B, D, rows, cols)

@@ -12,10 +12,23 @@ Kinds (`PosEmbedSpec.kind`):
   sincos_2d   fixed 2-D sin-cos (Beyer et al. 2022, "Better plain ViT baselines"): not in the
               paper's table, a parameter-free baseline.
 
+After the paper (the encodings that differ away from the training resolution):
+  rope_axial  2-D rotary embedding of queries and keys in every block, fixed frequencies,
+              x on half of each head's channel pairs and y on the other half (`rope.py`).
+  rope_mixed  2-D rotary embedding with frequencies learned per layer and head (RoPE-ViT).
+  rope_axial_ape, rope_mixed_ape
+              the same, plus a learned 1-D table added at the stem (timm's `_ape` models).
+  relative_2d a learned bias per head for every 2-D offset between patches (Swin, BEiT),
+              one table per block or, with `shared=true`, one for all (`relative_2d.py`).
+  conditional CPVT's position encoding generator: a depthwise 3x3 convolution over the token
+              grid, with a residual, after the first block; no table, any grid.
+
 Placements (`PosEmbedSpec.placement`): `stem` adds one table to the input tokens;
 `every_layer` gives each block its own table, added to the block's input; `every_layer_shared`
 adds one table at every block's input. `none` and `relative` exist only at `stem`, the
-paper's N/A cells.
+paper's N/A cells; so do the kinds after the paper, which act inside the blocks (or, for
+`conditional`, after the first one) wherever their placement would be: `placement` is the
+axis of the paper's additive tables.
 """
 
 from __future__ import annotations
@@ -30,9 +43,13 @@ from torch import nn
 
 from vitexp.models.patch_embed import Size2d
 
-KINDS = ("none", "learned_1d", "learned_2d", "relative", "sincos_2d")
+ROPE_KINDS = ("rope_axial", "rope_mixed", "rope_axial_ape", "rope_mixed_ape")
+MODERN_KINDS = (*ROPE_KINDS, "relative_2d", "conditional")
+KINDS = ("none", "learned_1d", "learned_2d", "relative", "sincos_2d", *MODERN_KINDS)
 PLACEMENTS = ("stem", "every_layer", "every_layer_shared")
-STEM_ONLY_KINDS = ("none", "relative")
+STEM_ONLY_KINDS = ("none", "relative", *MODERN_KINDS)
+# RoPE's theta by kind (RoPE-ViT: 100 for fixed axial frequencies, 10 for learned mixed ones)
+ROPE_THETA = {"rope_axial": 100.0, "rope_mixed": 10.0}
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 ABSOLUTE_KINDS = ("learned_1d", "learned_2d", "sincos_2d")
 
@@ -58,6 +75,12 @@ class PosEmbedSpec:
     # Small tables next to unit-scale patch embeddings are why a tiny ViT can sit for
     # hundreds of steps on a position-blind plateau (see ablation_posemb).
     init_std: float = 0.02
+    # RoPE kinds: the frequency base (null: 100 axial, 10 mixed) and, at another resolution,
+    # whether positions extend the grid (extrapolate) or squeeze into the trained range
+    rope_theta: float | None = None
+    rope_positions: str = "extrapolate"
+    # relative_2d: one bias table shared by every block (BEiT) instead of one per block
+    shared: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,11 +96,34 @@ class PosEmbedSpec:
             )
         if not self.init_std > 0:
             raise ValueError(f"pos_embed.init_std={self.init_std!r} must be > 0")
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise ValueError(f"pos_embed.rope_theta={self.rope_theta!r} must be > 0")
+        if self.rope_theta is not None and self.kind not in ROPE_KINDS:
+            raise ValueError(f"pos_embed.rope_theta applies to {', '.join(ROPE_KINDS)} only")
+        if self.rope_positions not in ("extrapolate", "interpolate"):
+            raise ValueError(
+                f"pos_embed.rope_positions={self.rope_positions!r} is not one of extrapolate, "
+                "interpolate"
+            )
+        if self.shared and self.kind != "relative_2d":
+            raise ValueError("pos_embed.shared=true applies to kind=relative_2d only")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"pos_embed.interpolation={self.interpolation!r} is not one of "
                 f"{', '.join(INTERPOLATIONS)}"
             )
+
+    @property
+    def theta(self) -> float:
+        """RoPE's frequency base: the configured one or the kind's default."""
+        return self.rope_theta or ROPE_THETA[self.kind.removesuffix("_ape")]
+
+    @property
+    def table_kind(self) -> str | None:
+        """The additive table this kind adds ("_ape" RoPE: a learned 1-D one), or None."""
+        if self.kind in ABSOLUTE_KINDS:
+            return self.kind
+        return "learned_1d" if self.kind.endswith("_ape") else None
 
     @classmethod
     def parse(cls, value: PosEmbedSpec | dict | str) -> PosEmbedSpec:
@@ -115,6 +161,16 @@ def resample_grid(
     grid = _interpolate(grid, new_grid, interpolation, antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
     return torch.cat([prefix, grid], dim=1)
+
+
+def resample_table_2d(
+    table: torch.Tensor, old: Size2d, new: Size2d, interpolation: str, antialias: bool
+) -> torch.Tensor:
+    """Resample an (H*W, C) row-major table to (H'*W', C) as an H x W image of C channels."""
+    if tuple(old) == tuple(new):
+        return table
+    image = table.t().reshape(1, -1, old[0], old[1])
+    return _interpolate(image, new, interpolation, antialias).reshape(-1, new[0] * new[1]).t()
 
 
 def resample_1d(
@@ -322,6 +378,28 @@ class RelativePositionBias(nn.Module):
         self.index = self._build_index().to(self.index.device)
 
 
+class PositionEncodingGenerator(nn.Module):
+    """CPVT's conditional position encoding (Chu et al. 2023): the patch tokens, laid out on
+    their grid, plus a depthwise 3x3 convolution of themselves (zero padding tells a token
+    where the border is). No table, so any grid works; the class token passes unchanged."""
+
+    def __init__(self, grid_size: Size2d, num_prefix_tokens: int, dim: int):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.proj = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.num_prefix_tokens
+        prefix, patches = x[:, :p], x[:, p:]
+        grid = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.grid_size)
+        grid = self.proj(grid) + grid
+        return torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def resize(self, grid_size: Size2d, interpolation: str, antialias: bool) -> None:
+        self.grid_size = tuple(grid_size)
+
+
 class PositionEmbedding(nn.ModuleList):
     """What each layer adds for position (Table 8's columns): the absolute tables of the
     placement, and `forward(x, layer)` adding the right one at the input of block `layer`.
@@ -331,7 +409,9 @@ class PositionEmbedding(nn.ModuleList):
     - every_layer_shared: one table, added at every block's input.
 
     `none` holds no table and `relative` none either: relative positions act inside each
-    block's attention (`relative_bias` builds that block's `RelativePositionBias`).
+    block's attention (`relative_bias` builds that block's `RelativePositionBias`); so do
+    RoPE and the 2-D bias (the encoder builds those). `conditional` holds the generator,
+    applied at the input of block 1 (after the first block, CPVT's choice).
     """
 
     def __init__(
@@ -339,19 +419,27 @@ class PositionEmbedding(nn.ModuleList):
     ):
         super().__init__()
         self.spec = spec
-        if spec.kind in ABSOLUTE_KINDS:
+        if spec.table_kind is not None:
             tables = depth if spec.placement == "every_layer" else 1
             for _ in range(tables):
                 self.append(
                     build_absolute_pos_embed(
-                        spec.kind, grid_size, num_prefix_tokens, dim, spec.init_std
+                        spec.table_kind, grid_size, num_prefix_tokens, dim, spec.init_std
                     )
                 )
+        elif spec.kind == "conditional":
+            if depth < 2:
+                raise ValueError(
+                    "pos_embed.kind=conditional acts after the first block: depth >= 2"
+                )
+            self.append(PositionEncodingGenerator(grid_size, num_prefix_tokens, dim))
 
     def table_for_layer(self, layer: int) -> int | None:
         """Index of the table added at the input of block `layer` (None: nothing)."""
         if not len(self):
             return None
+        if self.spec.kind == "conditional":
+            return 0 if layer == 1 else None
         if self.spec.placement == "every_layer":
             return layer
         return 0 if self.spec.placement == "every_layer_shared" or layer == 0 else None
@@ -381,7 +469,15 @@ def describe(spec: PosEmbedSpec) -> str:
         "learned_2d": "2-D",
         "relative": "relative",
         "sincos_2d": "sin-cos 2-D",
+        "rope_axial": "RoPE-Axial",
+        "rope_mixed": "RoPE-Mixed",
+        "rope_axial_ape": "RoPE-Axial + APE",
+        "rope_mixed_ape": "RoPE-Mixed + APE",
+        "relative_2d": "2-D relative bias" + (" (shared)" if spec.shared else ""),
+        "conditional": "conditional (PEG)",
     }
+    if spec.kind in MODERN_KINDS:  # no placement axis: they sit where they act
+        return kinds[spec.kind]
     return f"{kinds[spec.kind]} / {spec.placement.replace('_', ' ')}"
 
 

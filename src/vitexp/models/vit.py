@@ -23,9 +23,12 @@ from torch.utils.checkpoint import checkpoint
 
 from vitexp.models.common import ModelConfig
 from vitexp.models.patch_embed import PatchEmbed, Size2d, to_2tuple
-from vitexp.models.pos_embed import PosEmbedSpec, PositionEmbedding, RelativePositionBias
+from vitexp.models.pos_embed import ROPE_KINDS, PosEmbedSpec, PositionEmbedding
+from vitexp.models.relative_2d import RelativePositionBias2D
+from vitexp.models.rope import RotaryAxial, RotaryMixed, apply_rope
 
 POOLS = ("cls", "gap")
+SHARED_BY_BLOCKS = ("rope", "shared_rel_pos")  # encoder parameters used by every block
 STEMS = ("patch", "r50")
 
 
@@ -44,7 +47,11 @@ class ViTConfig(ModelConfig):
     class_token: prepend a class token; null: pool == cls.
     fc_norm: with gap, normalise after pooling instead of before (timm's GAP models).
     representation_size: width of the tanh pre-logits layer of pretraining; null: none.
-    pos_embed: how positions are encoded (Table 8), see `pos_embed.py`.
+    pos_embed: how positions are encoded (Table 8, and RoPE, 2-D relative bias and CPVT's
+        conditional encoding after it), see `pos_embed.py`.
+    layer_scale_init: LayerScale (CaiT; timm's RoPE ViTs use 1e-5): each block's attention
+        and MLP output multiplied by a learned per-channel scale started at this value;
+        null: none (the paper).
     stem: `patch` (pixels) or `r50` (hybrid: a ResNet-50 feature map at stride 16).
     grad_checkpointing: recompute each block's activations in the backward pass (training
         only; same results, less memory, ~1/3 more compute). Not architecture: the weights
@@ -79,6 +86,7 @@ class ViTConfig(ModelConfig):
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
     head_bias_init: float = 0.0
+    layer_scale_init: float | None = None
     # mean, std: from ModelConfig
 
     # what must agree between a pretrained checkpoint and the model fine-tuned from it
@@ -86,7 +94,8 @@ class ViTConfig(ModelConfig):
     # fmt: off
     ARCHITECTURE = ("patch_size", "patch_stride", "in_chans", "embed_dim", "depth", "num_heads",
                     "mlp_ratio", "qkv_bias", "pool", "class_token", "fc_norm", "stem",
-                    "pos_embed.kind", "pos_embed.placement")
+                    "pos_embed.kind", "pos_embed.placement", "pos_embed.shared",
+                    "pos_embed.rope_theta", "layer_scale")
     # fmt: on
     # ... and what a resumed run must also keep
     RESUME = (*ARCHITECTURE, "img_size", "representation_size")
@@ -118,7 +127,21 @@ class ViTConfig(ModelConfig):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be in [0.0, 1.0)")
         if not math.isfinite(self.head_bias_init):
             raise ValueError(f"head_bias_init={self.head_bias_init!r} must be a finite number")
+        if self.layer_scale_init is not None and not self.layer_scale_init > 0:
+            raise ValueError(f"layer_scale_init={self.layer_scale_init!r} must be > 0 or null")
+        if self.pos_embed.kind in ROPE_KINDS and (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(
+                f"pos_embed.kind={self.pos_embed.kind} needs a head dimension (embed_dim / "
+                f"num_heads = {self.embed_dim // self.num_heads}) divisible by 4"
+            )
+        if self.pos_embed.kind == "conditional" and self.depth < 2:
+            raise ValueError("pos_embed.kind=conditional acts after the first block: depth >= 2")
         self.check_mean_std(self.in_chans)
+
+    @property
+    def layer_scale(self) -> bool:
+        """Whether blocks have LayerScale (its init value does not matter once trained)."""
+        return self.layer_scale_init is not None
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -136,7 +159,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        rel_pos: RelativePositionBias | None = None,
+        rel_pos: nn.Module | None = None,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -149,10 +172,17 @@ class Attention(nn.Module):
         self.rel_pos = rel_pos
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
+        self,
+        x: torch.Tensor,
+        return_attention: bool = False,
+        num_queries: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, D) -> (B, Tq, D): the outputs of the first `num_queries` tokens (all
-        by default), each attending to all T tokens."""
+        by default), each attending to all T tokens. `rope`: the (sin, cos) of the patches'
+        rotary angles, which turn their queries and keys; `bias`: a (1, heads, T, T) bias
+        shared by the blocks (a shared 2-D relative table)."""
         B, T, D = x.shape
         if num_queries is None:
             qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
@@ -163,7 +193,12 @@ class Attention(nn.Module):
             q = q.reshape(B, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
             kv = F.linear(x, w[D:], None if b is None else b[D:])
             k, v = kv.reshape(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        bias = self.rel_pos(q, self.scale) if self.rel_pos is not None else None  # (B,h,Tq,T)
+        if rope is not None:
+            q, k = rotate_patches(q, k.shape[2], rope), rotate_patches(k, k.shape[2], rope)
+        if self.rel_pos is not None:
+            bias = self.rel_pos(q, self.scale)  # (B or 1, heads, Tq, T)
+        elif bias is not None:
+            bias = bias[:, :, : q.shape[2]].to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
         if return_attention:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
@@ -176,6 +211,32 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         x = x.transpose(1, 2).reshape(B, q.shape[2], D)
         return self.proj_drop(self.proj(x)), attn
+
+
+def rotate_patches(
+    t: torch.Tensor, num_tokens: int, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Rotate the patch tokens of t (B, heads, n, head_dim), the first n of `num_tokens`;
+    the prefix (class) tokens before the patches are not on the grid and stay as they are."""
+    sin, cos = rope
+    prefix = num_tokens - sin.shape[-2]
+    if t.shape[2] <= prefix:
+        return t
+    patches = apply_rope(
+        t[:, :, prefix:], sin[..., : t.shape[2] - prefix, :], cos[..., : t.shape[2] - prefix, :]
+    )
+    return torch.cat([t[:, :, :prefix], patches], dim=2)
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch, started small (CaiT)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 class Mlp(nn.Module):
@@ -210,9 +271,10 @@ class Block(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        rel_pos: RelativePositionBias | None = None,
+        rel_pos: nn.Module | None = None,
         norm_eps: float = 1e-6,
         grad_checkpointing: bool = False,
+        layer_scale_init: float | None = None,
     ):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
@@ -220,36 +282,68 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, rel_pos)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        scaled = layer_scale_init is not None
+        self.ls1 = LayerScale(dim, layer_scale_init) if scaled else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale_init) if scaled else nn.Identity()
         from torchvision.ops import StochasticDepth  # here: importing torchvision takes ~2 s
 
         self.drop_path = StochasticDepth(drop_path, mode="row")
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
+        self,
+        x: torch.Tensor,
+        return_attention: bool = False,
+        num_queries: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs for the first `num_queries` tokens (all by default)."""
+        args = (x, return_attention, num_queries, rope, bias)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             # non-reentrant: replays the RNG state, so dropout masks match the first pass
-            return checkpoint(self._forward, x, return_attention, num_queries, use_reentrant=False)
-        return self._forward(x, return_attention, num_queries)
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
 
     def _forward(
-        self, x: torch.Tensor, return_attention: bool, num_queries: int | None
+        self,
+        x: torch.Tensor,
+        return_attention: bool,
+        num_queries: int | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention, num_queries)
-        x = x[:, :num_queries] + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        y, attn = self.attn(self.norm1(x), return_attention, num_queries, rope, bias)
+        x = x[:, :num_queries] + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
 
 
 class Encoder(nn.Module):
-    """The stack of blocks; position information enters where `pos_embed` says."""
+    """The stack of blocks; position information enters where `pos_embed` says: tables added
+    to the tokens (`pos_embeds`), or inside each block's attention (RoPE's rotation of
+    queries and keys, `rope`; a relative bias, each block's `attn.rel_pos` or one
+    `shared_rel_pos` for all)."""
 
     def __init__(self, cfg: ViTConfig, grid_size: Size2d, num_prefix_tokens: int):
         super().__init__()
-        dim, depth = cfg.embed_dim, cfg.depth
-        self.pos_embeds = PositionEmbedding(cfg.pos_embed, grid_size, num_prefix_tokens, dim, depth)
+        dim, depth, spec = cfg.embed_dim, cfg.depth, cfg.pos_embed
+        head_dim = dim // cfg.num_heads
+        self.pos_embeds = PositionEmbedding(spec, grid_size, num_prefix_tokens, dim, depth)
         self.pos_drop = nn.Dropout(cfg.drop_rate)  # the paper: dropout right after adding E_pos
+        self.rope = build_rope(cfg, grid_size)
+        self.shared_rel_pos = None
+        if spec.kind == "relative_2d" and spec.shared:
+            self.shared_rel_pos = RelativePositionBias2D(
+                grid_size, num_prefix_tokens, cfg.num_heads, spec.init_std
+            )
+
+        def block_rel_pos() -> nn.Module | None:
+            if spec.kind == "relative_2d" and not spec.shared:
+                return RelativePositionBias2D(
+                    grid_size, num_prefix_tokens, cfg.num_heads, spec.init_std
+                )
+            return self.pos_embeds.relative_bias(grid_size, num_prefix_tokens, head_dim)
+
         # stochastic depth grows linearly with depth, 0 at the first block
         drop_paths = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -261,11 +355,10 @@ class Encoder(nn.Module):
                 drop=cfg.drop_rate,
                 attn_drop=cfg.attn_drop_rate,
                 drop_path=drop_path,
-                rel_pos=self.pos_embeds.relative_bias(
-                    grid_size, num_prefix_tokens, dim // cfg.num_heads
-                ),
+                rel_pos=block_rel_pos(),
                 norm_eps=cfg.norm_eps,
                 grad_checkpointing=cfg.grad_checkpointing,
+                layer_scale_init=cfg.layer_scale_init,
             )
             for drop_path in drop_paths
         )
@@ -279,13 +372,41 @@ class Encoder(nn.Module):
         maps = []
         last = len(self.blocks) - 1
         x = self.pos_drop(self.pos_embeds(x, 0))
+        bias = self.shared_rel_pos.bias() if self.shared_rel_pos is not None else None
+        rope = None
         for i, block in enumerate(self.blocks):
             if i > 0:
                 x = self.pos_embeds(x, i)
-            x, attn = block(x, return_attention, num_queries if i == last else None)
+            if self.rope is not None and (rope is None or isinstance(self.rope, RotaryMixed)):
+                rope = self.rope(i, x.device)  # axial: the same angles in every block
+            x, attn = block(x, return_attention, num_queries if i == last else None, rope, bias)
             if return_attention:
                 maps.append(attn)
         return self.norm(x), maps
+
+    def resize(self, grid_size: Size2d, spec: PosEmbedSpec) -> None:
+        """Every position encoding follows a new patch grid."""
+        self.pos_embeds.resize(grid_size)
+        if self.rope is not None:
+            self.rope.resize(grid_size, spec.rope_positions)
+        if self.shared_rel_pos is not None:
+            self.shared_rel_pos.resize(grid_size, spec.interpolation, spec.antialias)
+        for block in self.blocks:
+            if block.attn.rel_pos is not None:
+                block.attn.rel_pos.resize(grid_size, spec.interpolation, spec.antialias)
+
+
+def build_rope(cfg: ViTConfig, grid_size: Size2d) -> RotaryAxial | RotaryMixed | None:
+    """The rotary embedding of a RoPE kind (None for the others)."""
+    spec = cfg.pos_embed
+    if spec.kind not in ROPE_KINDS:
+        return None
+    head_dim = cfg.embed_dim // cfg.num_heads
+    if spec.kind.startswith("rope_axial"):
+        return RotaryAxial(grid_size, head_dim, spec.theta, positions=spec.rope_positions)
+    return RotaryMixed(
+        grid_size, head_dim, cfg.depth, cfg.num_heads, spec.theta, positions=spec.rope_positions
+    )
 
 
 class VisionTransformer(nn.Module):
@@ -391,16 +512,28 @@ class VisionTransformer(nn.Module):
 
     # --- fine-tuning ----------------------------------------------------------------------
     @torch.no_grad()
-    def resize(self, img_size: int | Sequence[int]) -> None:
-        """Run at a new resolution: resample every position embedding of every placement
-        (learned tables interpolated, sin-cos recomputed, relative offsets resampled)."""
+    def resize(
+        self,
+        img_size: int | Sequence[int],
+        patch_size: int | Sequence[int] | None = None,
+        rope_positions: str | None = None,
+    ) -> None:
+        """Run at a new resolution (and, with `patch_size`, a new patch size: FlexiViT's
+        resampling of the patch projection): every position encoding follows the new grid
+        (learned tables interpolated, sin-cos recomputed, relative offsets resampled, RoPE
+        positions extended or, with `rope_positions=interpolate`, squeezed into the
+        training grid's range)."""
         spec = self.cfg.pos_embed
+        if patch_size is not None and to_2tuple(patch_size, "patch_size") != to_2tuple(
+            self.cfg.patch_size, "patch_size"
+        ):
+            self.patch_embed.set_patch_size(patch_size)
+            self.cfg = replace(self.cfg, patch_size=patch_size, patch_stride=None)
+        if rope_positions is not None:
+            self.cfg = replace(self.cfg, pos_embed=replace(spec, rope_positions=rope_positions))
+            spec = self.cfg.pos_embed
         self.patch_embed.set_img_size(img_size)
-        grid = self.patch_embed.grid_size
-        self.encoder.pos_embeds.resize(grid)
-        for block in self.encoder.blocks:
-            if block.attn.rel_pos is not None:
-                block.attn.rel_pos.resize(grid, spec.interpolation, spec.antialias)
+        self.encoder.resize(self.patch_embed.grid_size, spec)
         self.cfg = replace(self.cfg, img_size=self.patch_embed.img_size)
 
     def reset_classifier(self, num_classes: int, keep_pre_logits: bool = False) -> None:
@@ -424,16 +557,17 @@ class VisionTransformer(nn.Module):
         return {
             name
             for name, _ in self.named_parameters()
-            if name == "cls_token" or ".pos_embeds." in name or ".rel_pos." in name
+            if name == "cls_token"
+            or any(part in name for part in (".pos_embeds.", "rel_pos.", ".rope."))
         }
 
     def layer_ids(self) -> dict[str, int]:
         """Each parameter's depth for layer-wise lr decay (`optim.layer_decay`), here because
         only the model knows where its parameters sit: 0 the stem (patch or hybrid CNN
-        embedding, class token, the stem's position table and the table every layer
-        shares), i + 1 block i (its own relative table, and its own position table under
-        placement=every_layer), depth + 1 what follows the blocks (final norm, fc_norm,
-        pre-logits, head)."""
+        embedding, class token, the stem's position table, the table every layer shares,
+        RoPE-Mixed's frequencies and a shared 2-D bias table), i + 1 block i (its own
+        relative table, and its own position table under placement=every_layer), depth + 1
+        what follows the blocks (final norm, fc_norm, pre-logits, head)."""
         per_layer = self.cfg.pos_embed.placement == "every_layer"
         ids = {}
         for name, _ in self.named_parameters():
@@ -442,7 +576,7 @@ class VisionTransformer(nn.Module):
                 ids[name] = int(parts[2]) + 1
             elif name.startswith("encoder.pos_embeds."):
                 ids[name] = int(parts[2]) + 1 if per_layer else 0
-            elif parts[0] in ("patch_embed", "cls_token"):
+            elif parts[0] in ("patch_embed", "cls_token") or parts[1] in SHARED_BY_BLOCKS:
                 ids[name] = 0
             else:
                 ids[name] = self.cfg.depth + 1
