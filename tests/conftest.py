@@ -40,6 +40,16 @@ NA_CELLS = [
     ("relative", "every_layer_shared"),
 ]
 
+# the encodings after the paper: each acts inside the blocks, so at placement=stem only
+MODERN_CELLS = [
+    ("rope_axial", "stem"),
+    ("rope_mixed", "stem"),
+    ("rope_axial_ape", "stem"),
+    ("rope_mixed_ape", "stem"),
+    ("relative_2d", "stem"),
+    ("conditional", "stem"),
+]
+
 
 def tiny_vit(**overrides) -> VisionTransformer:
     """A 2-layer ViT on 32 px images with 8 px patches (16 tokens + class token)."""

@@ -45,6 +45,7 @@ from vitexp.training.cli import run_cli
 SWEEPS = {
     "real_table8": ("fashion_table8", 3),
     "real_scaling": ("fashion_scaling", 2),
+    "real_resolution": ("fashion_posemb_modern", 3),
     "table8": ("ablation_posemb", 3),
     "data_scaling": ("data_scaling", 2),
 }
@@ -131,7 +132,7 @@ def quickstart_jobs(out: Path) -> list[Job]:
     ]
 
 
-STUDIES = ("quickstart", "real_table8", "real_scaling", "real_transfer")  # the default
+STUDIES = ("quickstart", "real_table8", "real_scaling", "real_transfer", "real_resolution")
 # opt-in: the embedded data's Table 8 and data size (the fast path of earlier versions), and
 # AugReg levels x seeds, each pretraining fine-tuned (vitexp.analysis.recipes)
 OPTIONAL_STUDIES = ("table8", "data_scaling", "recipes")

@@ -527,7 +527,7 @@ class VisionTransformer(nn.Module):
         if patch_size is not None and to_2tuple(patch_size, "patch_size") != to_2tuple(
             self.cfg.patch_size, "patch_size"
         ):
-            self.patch_embed.set_patch_size(patch_size)
+            self.patch_embed.set_patch_size(patch_size, img_size)
             self.cfg = replace(self.cfg, patch_size=patch_size, patch_stride=None)
         if rope_positions is not None:
             self.cfg = replace(self.cfg, pos_embed=replace(spec, rope_positions=rope_positions))

@@ -37,6 +37,8 @@ from vitexp.data.files import fsync_dir
 from vitexp.errors import CheckpointError
 from vitexp.models.convert import load_timm_weights
 from vitexp.models.factory import build_model, config_from_record, family_of
+from vitexp.models.patch_embed import Size2d, to_2tuple
+from vitexp.models.vit import ViTConfig
 
 SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor state
 
@@ -258,14 +260,60 @@ def load_model(path: str | Path) -> nn.Module:
     return read_model(path)[0]
 
 
+PATCH_KEYS = ("patch_size", "patch_stride")
+
+
+def patch_change(saved: Any, wanted: Any) -> tuple[Size2d, Size2d] | None:
+    """(pretrained, wanted) patch size of two ViT configs when they differ, else None."""
+    if not (isinstance(saved, ViTConfig) and isinstance(wanted, ViTConfig)):
+        return None
+    old, new = (to_2tuple(c.patch_size, "patch_size") for c in (saved, wanted))
+    return None if old == new else (old, new)
+
+
+def patch_resampling(meta: dict[str, Any], model: nn.Module) -> str | None:
+    """What `load_pretrained` did to the patch projection, for train.log (the run logs it
+    once its directory exists), from the checkpoint's record `meta`; None if nothing."""
+    old = meta.get("model_config", {}).get("patch_size")
+    new = getattr(model.cfg, "patch_size", None)
+    if old is None or new is None:
+        return None
+    old, new = to_2tuple(old, "patch_size"), to_2tuple(new, "patch_size")
+    if old == new:
+        return None
+    return (
+        f"pretrained patch embedding resampled from {old[0]}x{old[1]} to {new[0]}x{new[1]} "
+        "(FlexiViT pseudo-inverse)"
+    )
+
+
+def _resamplable(cfg: ViTConfig) -> bool:
+    """Non-overlapping patches of pixels: the patch embeddings FlexiViT resamples."""
+    stride = cfg.patch_stride
+    return cfg.stem == "patch" and (
+        stride is None
+        or to_2tuple(stride, "patch_stride") == to_2tuple(cfg.patch_size, "patch_size")
+    )
+
+
 def check_architecture(saved: Any, model: nn.Module, path: Path) -> None:
     """Name the first architecture key where the pretrained checkpoint and the config
-    disagree (resolution and class count may differ: fine-tuning changes them)."""
-    key, have, want = _first_difference(saved, model.cfg, "ARCHITECTURE")
+    disagree (resolution and class count may differ: fine-tuning changes them; so may the
+    patch size, between non-overlapping patches of pixels: the kernel is resampled)."""
+    change = patch_change(saved, model.cfg)
+    resamplable = change is not None and _resamplable(saved) and _resamplable(model.cfg)
+    skip = PATCH_KEYS if resamplable else ()
+    key, have, want = _first_difference(saved, model.cfg, "ARCHITECTURE", skip)
     if key is not None:
+        why = (
+            ": only non-overlapping patches of pixels (stem=patch, patch_stride=null) are "
+            "resampled to another patch size"
+            if key in PATCH_KEYS and change is not None
+            else ""
+        )
         raise CheckpointError(
             f"pretrained={path} has model.{key}={have} but the config has model.{key}="
-            f"{want}; fine-tune with the model the checkpoint was pretrained with"
+            f"{want}{why}; fine-tune with the model the checkpoint was pretrained with"
         )
 
 
@@ -288,12 +336,12 @@ def check_resumable(record: dict[str, Any], model: nn.Module, path: Path) -> Non
         )
 
 
-def _first_difference(saved: Any, wanted: Any, keys: str) -> tuple:
-    """(key, saved value, wanted value) of the first of the config class's `keys` that
-    differs; the model family first."""
+def _first_difference(saved: Any, wanted: Any, keys: str, skip: tuple[str, ...] = ()) -> tuple:
+    """(key, saved value, wanted value) of the first of the config class's `keys` (but
+    `skip`) that differs; the model family first."""
     if type(saved) is not type(wanted):
         return "family", family_of(saved), family_of(wanted)
-    found = saved.differences(wanted, getattr(type(saved), keys))
+    found = [d for d in saved.differences(wanted, getattr(type(saved), keys)) if d[0] not in skip]
     return found[0] if found else (None, None, None)
 
 
@@ -347,9 +395,10 @@ def load_pretrained(path: str | Path, model: nn.Module, weights: str = "averaged
     """Initialise `model` (built at dataset B's resolution and class count) from a pretrained
     vitexp checkpoint or a timm-format weight file, the paper's way: keep the body, drop the
     pre-logits layer unless the model has one, start a zero-initialised head, and resample
-    every position embedding to the new grid. `weights`: of a run that kept a weight
-    average (`ema.decay`), the `averaged` weights or the `raw` trained ones. Returns the
-    checkpoint's record."""
+    every position embedding to the new grid; at another patch size (`model.patch_size`),
+    the patch projection too (FlexiViT's pseudo-inverse, `resample_patch_embed`). `weights`:
+    of a run that kept a weight average (`ema.decay`), the `averaged` weights or the `raw`
+    trained ones. Returns the checkpoint's record."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return _load_timm(path, model)
@@ -368,7 +417,14 @@ def load_pretrained(path: str | Path, model: nn.Module, weights: str = "averaged
         model.num_classes,
         keep_pre_logits=getattr(model.cfg, "representation_size", None) is not None,
     )
-    source.resize(model.img_size)
+    change = patch_change(source.cfg, model.cfg)
+    if change is None:
+        source.resize(model.img_size)
+    else:
+        try:
+            source.resize(model.img_size, patch_size=model.cfg.patch_size)
+        except ValueError as err:
+            raise CheckpointError(f"pretrained={path}: {_first_line(err)}") from None
     result = model.load_state_dict(source.state_dict(), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

@@ -36,6 +36,7 @@ from vitexp.training.callbacks import requeue_count, slurm_job_id
 from vitexp.training.checkpoint import (
     check_resumable,
     load_pretrained,
+    patch_resampling,
     read_checkpoint,
     resolve_pretrained,
 )
@@ -168,6 +169,8 @@ def open_run_dir(
             if averaged
             else "",
         )
+        if (resampled := patch_resampling(network.pretrained_meta, network.net)) is not None:
+            log.info("%s", resampled)
     if trainer.is_global_zero:
         rundir.write_config(cfg, run_dir, resumed=resume is not None)
         if c.logger.name == "wandb" and not (run_dir / "wandb_id.txt").is_file():
