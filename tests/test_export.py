@@ -63,6 +63,48 @@ def test_timm_rebuilds_the_exported_model_with_the_same_logits(tmp_path, options
     assert rebuilt.pretrained_cfg["label_names"] == [f"c{i}" for i in range(5)]
 
 
+@pytest.mark.parametrize(
+    "options, timm_class",
+    [
+        ({"pos_embed": "rope_axial", "layer_scale_init": 1e-5}, "Eva"),
+        ({"pos_embed": "rope_mixed"}, "Eva"),
+        ({"pos_embed": "rope_mixed_ape"}, "Eva"),  # the class row folds into cls_token
+        ({"pos_embed": "rope_axial_ape", "pool": "gap", "class_token": False}, "Eva"),
+        ({"pos_embed": "relative_2d"}, "Beit"),
+        ({"pos_embed": {"kind": "relative_2d", "shared": True}, "layer_scale_init": 0.1}, "Beit"),
+        ({"layer_scale_init": 1e-4}, "VisionTransformer"),
+    ],
+    ids=[
+        "rope_axial_ls",
+        "rope_mixed",
+        "rope_mixed_ape",
+        "rope_axial_ape_gap",
+        "rel_2d",
+        "rel_2d_shared_ls",
+        "learned_1d_ls",
+    ],
+)
+def test_timm_rebuilds_every_kind_it_has_with_the_same_logits(tmp_path, options, timm_class):
+    model = randomize_(tiny_vit(**options)).eval()
+    with torch.no_grad():  # a key bias must not matter to BEiT (which has none)
+        model.encoder.blocks[0].attn.qkv.bias[32:64] += 1.0
+    export(ExportCommandConfig(str(save(tmp_path / "m.ckpt", model)), str(tmp_path / "out")))
+    rebuilt = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert type(rebuilt).__name__ == timm_class
+    x = torch.randn(3, 3, *model.img_size)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(rebuilt(x), want, rtol=0, atol=1e-5)
+        assert want.std() > 1e-3
+
+
+def test_relative_2d_without_a_class_token_is_refused(tmp_path):
+    ckpt = save(tmp_path / "m.ckpt", tiny_vit(pos_embed="relative_2d", pool="gap"))
+    with pytest.raises(ConfigError, match="timm's Beit has no 2-D relative bias without a class"):
+        export(ExportCommandConfig(str(ckpt), str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
 def test_timm_rebuilds_the_exported_hybrid_with_the_same_logits(tmp_path):
     """The R50 stem as timm's vit_*_r50_*: "SAME" padding, its names, its kernel eps."""
     model = create_model(
@@ -103,6 +145,8 @@ def test_restandardize_moves_a_kernel_between_standardisation_eps():
             "position embedding learned_1d/every_layer",
         ),
         ({"pos_embed": "relative"}, "position embedding relative/stem"),
+        ({"pos_embed": "conditional"}, "position embedding conditional/stem"),
+        ({"pos_embed": "sincos_2d"}, "position embedding sincos_2d/stem"),
         ({"representation_size": 16}, "a pre-logits layer"),
     ],
 )

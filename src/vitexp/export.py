@@ -4,9 +4,13 @@ model in the formats the ecosystem loads, with a model card.
     timm         model.safetensors + config.json in timm's hub format: in any Python with
                  timm, `timm.create_model("local-dir:DIR")` rebuilds it (architecture,
                  num_classes, model_args, pretrained_cfg with the class names and the
-                 preprocessing). ViTs whose computation timm's VisionTransformer has: a
-                 learned 1-D table at the stem, class token or GAP, any size, patch size
-                 and resolution, the patch or the R50 hybrid stem, no pre-logits layer.
+                 preprocessing). ViTs whose computation timm has: a learned 1-D table at
+                 the stem (VisionTransformer; the patch or the R50 hybrid stem), RoPE-Axial
+                 or RoPE-Mixed with or without that table (Eva, RoPE-ViT's models), the 2-D
+                 relative bias per block or shared (Beit); class token or GAP, LayerScale,
+                 any size, patch size and resolution, no pre-logits layer. The rest
+                 (learned_2d, relative, sincos_2d, conditional, every-layer placements)
+                 are refused in one line: export format=torchscript.
     torchscript  model.pt: the model with its preprocessing (resize to its input size,
                  normalise), taking float images in [0, 1] of any size.
     onnx         model.onnx: the same graph (needs the `onnx` package).
@@ -30,6 +34,7 @@ from torch import nn
 from vitexp.errors import ConfigError
 from vitexp.models.convert import TIMM_HYBRID_WS_EPS, rename_hybrid, restandardize
 from vitexp.models.patch_embed import to_2tuple
+from vitexp.models.pos_embed import ROPE_KINDS
 
 FORMATS = ("timm", "torchscript", "onnx")
 
@@ -42,6 +47,12 @@ def pair(value: Any, name: str) -> list[int]:
 # registered timm names per stem; model_args set every size
 TIMM_ARCHITECTURE = {"patch": "vit_base_patch16_224", "r50": "vit_base_r50_s16_224"}
 TIMM_FIRST_CONV = {"patch": "patch_embed.proj", "r50": "patch_embed.backbone.stem.conv"}
+# the position encodings timm has, and its class for each (the rest: format=torchscript)
+TIMM_CLASS = {
+    "learned_1d": "VisionTransformer",
+    **{kind: "Eva" for kind in ROPE_KINDS},  # RoPE-ViT's models
+    "relative_2d": "Beit",  # BEiT's per-block or shared relative position bias
+}
 
 
 @dataclass
@@ -51,9 +62,8 @@ class ExportCommandConfig:
     format: str = "timm"
 
 
-def timm_model_args(model: nn.Module) -> dict[str, Any]:
-    """timm VisionTransformer arguments that compute what `model` computes; a variant timm
-    does not have raises ConfigError naming it."""
+def _timm_class(model: nn.Module) -> str:
+    """timm's class for the model's variant; a variant timm lacks raises ConfigError."""
     from vitexp.models import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -61,8 +71,11 @@ def timm_model_args(model: nn.Module) -> dict[str, Any]:
             f"format=timm exports ViTs; this is a {model.cfg.name} model (use format=torchscript)"
         )
     m = model.cfg
+    timm_class = TIMM_CLASS.get(m.pos_embed.kind)
+    if m.pos_embed.placement != "stem":
+        timm_class = None
     lacks = []
-    if (m.pos_embed.kind, m.pos_embed.placement) != ("learned_1d", "stem"):
+    if timm_class is None:
         lacks.append(f"position embedding {m.pos_embed.kind}/{m.pos_embed.placement}")
     stride = m.patch_stride
     if stride is not None and pair(stride, "patch_stride") != pair(m.patch_size, "patch_size"):
@@ -71,14 +84,27 @@ def timm_model_args(model: nn.Module) -> dict[str, Any]:
         lacks.append("a pre-logits layer (representation_size)")
     if m.norm_eps != 1e-6:
         lacks.append(f"norm_eps={m.norm_eps}")
-    if m.class_token != (m.pool == "cls"):
+    if timm_class == "Beit" and not m.class_token:
+        lacks.append("2-D relative bias without a class token")
+    elif m.class_token != (m.pool == "cls") and timm_class != "Beit":
         lacks.append(f"pool={m.pool} with class_token={m.class_token}")
+    if timm_class in ("Eva", "Beit") and m.stem != "patch":
+        lacks.append(f"stem={m.stem} with {m.pos_embed.kind}")
     if lacks:
+        name = timm_class or "VisionTransformer"
         raise ConfigError(
-            f"format=timm: timm's VisionTransformer has no {', '.join(lacks)}; "
+            f"format=timm: timm's {name} has no {', '.join(lacks)}; "
             "export format=torchscript instead"
         )
-    return {
+    return timm_class
+
+
+def timm_target(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The registered timm architecture and the arguments with which it computes what
+    `model` computes; a variant timm does not have raises ConfigError naming it."""
+    timm_class = _timm_class(model)
+    m = model.cfg
+    args = {
         "img_size": pair(m.img_size, "img_size"),
         "patch_size": pair(m.patch_size, "patch_size"),
         "in_chans": m.in_chans,
@@ -87,20 +113,83 @@ def timm_model_args(model: nn.Module) -> dict[str, Any]:
         "num_heads": m.num_heads,
         "mlp_ratio": m.mlp_ratio,
         "qkv_bias": m.qkv_bias,
-        "class_token": m.pool == "cls",
         "global_pool": "token" if m.pool == "cls" else "avg",
-        "fc_norm": bool(m.fc_norm),
+        "init_values": m.layer_scale_init,  # LayerScale (None: none)
     }
+    if timm_class == "VisionTransformer":
+        args |= {"class_token": m.pool == "cls", "fc_norm": bool(m.fc_norm)}
+        return TIMM_ARCHITECTURE[m.stem], args
+    if timm_class == "Beit":
+        shared = m.pos_embed.shared
+        args |= {
+            "use_fc_norm": bool(m.fc_norm),
+            "use_abs_pos_emb": False,
+            "use_rel_pos_bias": not shared,
+            "use_shared_rel_pos_bias": shared,
+        }
+        return "beit_base_patch16_224", args
+    kind = m.pos_embed.kind
+    mixed, ape = kind.startswith("rope_mixed"), kind.endswith("_ape")
+    args |= {
+        "class_token": m.class_token,
+        "use_fc_norm": bool(m.fc_norm),
+        "attn_type": "rope",
+        "use_abs_pos_emb": ape,
+        "no_embed_class": ape,  # the class token's row is folded into cls_token
+        "use_rot_pos_emb": True,
+        "rope_type": "mixed" if mixed else "cat",
+        "rope_temperature": m.pos_embed.theta,
+        "rope_grid_indexing": "xy",
+    }
+    return f"vit_base_patch16_rope{'_mixed' if mixed else ''}{'_ape' if ape else ''}_224", args
+
+
+def timm_model_args(model: nn.Module) -> dict[str, Any]:
+    """timm arguments that compute what `model` computes (`timm_target`'s second half)."""
+    return timm_target(model)[1]
+
+
+# vitexp's names -> timm's inside a block, per timm class (VisionTransformer keeps ours)
+TIMM_BLOCK_NAMES = {
+    "Eva": {"ls1.gamma": "gamma_1", "ls2.gamma": "gamma_2"},
+    "Beit": {
+        "ls1.gamma": "gamma_1",
+        "ls2.gamma": "gamma_2",
+        "attn.rel_pos.table": "attn.relative_position_bias_table",
+    },
+}
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """vitexp's ViT weights under timm's names (the inverse of models.convert)."""
+    timm_class = _timm_class(model)
+    renames = TIMM_BLOCK_NAMES.get(timm_class, {})
+    state = model.state_dict()
     out = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key == "encoder.pos_embeds.0.weight":
+            if timm_class == "Eva" and model.num_prefix_tokens:  # no_embed_class: the
+                # class token's row joins the class token
+                out["cls_token"] = state["cls_token"] + value[:, : model.num_prefix_tokens]
+                value = value[:, model.num_prefix_tokens :]
             out["pos_embed"] = value
+        elif key == "cls_token" and "cls_token" in out:
+            continue
+        elif key == "encoder.rope.freqs":
+            out["rope.freqs"] = value
+        elif key == "encoder.shared_rel_pos.table":
+            out["rel_pos_bias.relative_position_bias_table"] = value
+        elif timm_class == "Beit" and key.endswith(".attn.qkv.bias"):
+            # BEiT has no key bias; a key bias adds q.b_k to every logit of a query's row,
+            # which the softmax cancels, so dropping it is exact
+            dim = value.shape[0] // 3
+            block = key.removesuffix("qkv.bias").removeprefix("encoder.")
+            out[block + "q_bias"], out[block + "v_bias"] = value[:dim], value[2 * dim :]
         elif key.startswith("encoder."):
-            out[key.removeprefix("encoder.")] = value
+            key = key.removeprefix("encoder.")
+            for ours, theirs in renames.items():
+                key = key.replace(f".{ours}", f".{theirs}")
+            out[key] = value
         elif key.startswith("patch_embed.backbone."):
             if value.dim() == 4:  # a weight-standardised conv
                 conv = model.get_submodule(key.removesuffix(".weight"))
@@ -116,10 +205,10 @@ def export_timm(model: nn.Module, meta: dict[str, Any], out: Path) -> list[Path]
 
     from vitexp.data.files import write_atomic
 
-    args = timm_model_args(model)
+    architecture, args = timm_target(model)
     names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
     config = {
-        "architecture": TIMM_ARCHITECTURE[model.cfg.stem],
+        "architecture": architecture,
         "num_classes": model.num_classes,
         "num_features": model.embed_dim,
         "model_args": args,
@@ -217,7 +306,7 @@ def export(c: ExportCommandConfig) -> list[Path]:
     checkpoint = resolve_pretrained(c.pretrained)
     model, meta = read_model(checkpoint, "pretrained")
     if c.format == "timm":
-        timm_model_args(model)  # a variant timm lacks stops before anything is written
+        timm_target(model)  # a variant timm lacks stops before anything is written
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     writer = {"timm": export_timm, "torchscript": export_torchscript, "onnx": export_onnx}
