@@ -181,3 +181,34 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_whole(tmp_p
     assert len(errors) == 1 and "Ctrl-C" in errors[0], out[-3000:]
     torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # whole
     assert not list((run_dir / "checkpoints").glob(".*partial"))
+
+
+@pytest.mark.parametrize(
+    "pos_embed",
+    [
+        ["model/pos_embed=rope_mixed", "model.num_heads=2"],  # learned frequencies
+        ["model/pos_embed=relative_2d", "model.pos_embed.shared=true"],  # one encoder table
+        ["model/pos_embed=conditional", "model.layer_scale_init=0.1"],
+    ],
+    ids=["rope_mixed", "relative_2d_shared", "conditional_layer_scale"],
+)
+def test_the_encodings_after_the_paper_resume_exactly(tmp_path: Path, pos_embed: list[str]):
+    """A SIGKILL mid-run, then ckpt_path=last: the same metrics as the same variant's
+    uninterrupted run (their position parameters and optimizer state come back)."""
+    finish(start(tmp_path / "whole", *pos_embed))
+    whole = results(tmp_path / "whole")
+    run_dir = tmp_path / "killed"
+    proc = start(run_dir, *pos_embed)
+    wait_for_checkpoint(run_dir, 12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finish(start(run_dir, *pos_embed, "ckpt_path=last"))
+    resumed = results(run_dir)
+    assert resumed["resumed_from"] and resumed["steps"] == whole["steps"] == 24
+    for key, value in whole["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    names = {"rope_mixed": "net.encoder.rope.freqs", "relative_2d": "net.encoder.shared_rel_pos"}
+    kind = pos_embed[0].split("=")[1]
+    wanted = names.get(kind, "net.encoder.pos_embeds.0.proj")
+    assert any(k.startswith(wanted) for k in state), sorted(state)[:8]

@@ -18,7 +18,7 @@ from vitexp.train import run
 from vitexp.training.checkpoint import load_pretrained
 from vitexp.training.trainer import build_trainer
 
-from conftest import VALID_CELLS
+from conftest import MODERN_CELLS, VALID_CELLS
 
 TINY = [
     "data=shapes",
@@ -111,7 +111,7 @@ def test_finetune_at_higher_resolution(pretrained: Path, tmp_path: Path):
     assert "raw-pixel baselines: logistic regression 0.97" in log
 
 
-CELLS = [*VALID_CELLS, ("sincos_2d", "every_layer")]
+CELLS = [*VALID_CELLS, ("sincos_2d", "every_layer"), *MODERN_CELLS]
 
 
 @pytest.mark.parametrize("kind,placement", CELLS)

@@ -6,6 +6,9 @@ self-contained report.html. The claims are judged on the real data.
     real_table8/    fashion_table8 x 3 seeds: Table 8 on Fashion-MNIST (6 classes -> 4)
     real_scaling/   fashion_scaling x 2 seeds: Figure 4 on Fashion-MNIST, ViT vs BiT
     real_transfer/  fashion_finetune from real_table8's 1-D stem runs vs fashion_scratch
+    real_resolution/ fashion_posemb_modern x 3 seeds: the paper's encodings beside RoPE,
+                    the 2-D bias and CPVT's, each scored at test resolutions 14-56 px
+                    (`vitexp.evaluate`) -> resolution.csv, resolution.png
     table8/         opt-in: the ablation_posemb preset x 3 seeds (Table 8 on shapes/digits)
     data_scaling/   opt-in: the data_scaling preset x 2 seeds (Figure 4 on shapes/digits)
     recipes/        opt-in: AugReg levels and EMA (vitexp.analysis.recipes)
@@ -387,6 +390,39 @@ def real_figures(out: Path, say) -> None:
     say(f"failed {name}: {lines[-1]}" if done.returncode else f"done   {name}")
 
 
+# the resolution study: each real_resolution run scored at these test resolutions (7 px
+# patches: 2x2 to 8x8 patches; trained at 28 px = 4x4), RoPE also with interpolated positions
+TEST_RESOLUTIONS = "[14,21,28,35,42,56]"
+
+
+def resolution_curves(out: Path, planned: list[Job], say) -> None:
+    """`python -m vitexp.evaluate` on every finished real_resolution run, once (as a user
+    would score a checkpoint away from its training resolution)."""
+    from vitexp.models.pos_embed import ROPE_KINDS
+
+    for job in planned:
+        run = out / job.study / job.name
+        if job.study != "real_resolution" or not (run / RESULTS).is_file():
+            continue
+        kind = next(o.split("=")[1] for o in job.overrides if o.startswith("model.pos_embed.kind"))
+        policies = ["extrapolate", "interpolate"] if kind in ROPE_KINDS else [None]
+        for policy in policies:
+            name = (
+                "resolutions.json"
+                if policy in (None, "extrapolate")
+                else f"resolutions_{policy}.json"
+            )
+            if (run / name).is_file():
+                continue
+            cmd = [sys.executable, "-m", "vitexp.evaluate", f"pretrained='{run}'"]
+            cmd += [f"resolutions={TEST_RESOLUTIONS}", f"out='{run / name}'"]
+            cmd += [f"rope_positions={policy}"] if policy else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            lines = (done.stdout + done.stderr).strip().splitlines() or [""]
+            label = f"{job.key} {name}"
+            say(f"failed {label}: {lines[-1]}" if done.returncode else f"done   {label}")
+
+
 def reproduce(
     out: Path,
     jobs: int = 2,
@@ -410,6 +446,8 @@ def reproduce(
     Runner(out, jobs).run(planned, say)
     if "real_table8" in studies:
         real_figures(out, say)
+    if "real_resolution" in studies:
+        resolution_curves(out, planned, say)
     summaries = {s: tables.report(out / s) for s in SWEEPS if s in studies}
     if "recipes" in studies:
         from vitexp.analysis import recipes

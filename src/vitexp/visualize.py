@@ -8,7 +8,18 @@ attention_distance.png and figures.json, the numbers behind them
 (`vitexp.analysis.figures`). Images: scikit-learn's two bundled photographs unless
 `images=DIR`. `layer` (0-based, negative counts from the end; default the last) picks the
 layer whose position table is drawn next to the first one for `every_layer` placements,
-and whose offset table is drawn for `relative`.
+whose offset table is drawn for `relative` and `relative_2d`, and whose frequencies for
+`rope_mixed`. What the position view draws for the kinds after the paper
+(`vitexp.analysis.viz.positions`):
+
+    rope_axial, rope_mixed   the rotary phase similarity of each patch to every other (mean
+                             over channel pairs of cos(angle_p - angle_q)), Figure 7's grid
+                             of maps; axial is the same in every layer, mixed per head
+    rope_*_ape               the same, with the learned 1-D table's similarity beside it
+    relative_2d              per head, the learned bias as a (2H-1) x (2W-1) image of
+                             offsets query - key, of `layer`'s table or the shared one
+    conditional              what the PEG's conv adds to an all-ones token grid: its norm
+                             per patch and the similarity of the additions (the border)
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ class VisualizeCommandConfig:
     pretrained: str | None = None  # a checkpoint, a run directory or a directory of runs
     images: str | None = None  # a folder of images (default: scikit-learn's two samples)
     out: str | None = None  # default: <run dir>/figures beside checkpoints/
-    layer: int | None = None  # position table / relative offsets of this layer (default last)
+    layer: int | None = None  # position table / offsets / RoPE of this layer (default last)
     max_images: int = 8  # the first images of `images` (by name)
 
 

@@ -9,11 +9,20 @@ numbers behind them:
 
 `make_figures` draws them for uint8 images, `write_figures` writes them. `layer` (0-based,
 negative counts from the end; default the last) picks the layer whose position table is drawn
-next to the first one for `every_layer` placements, and whose offset table is drawn for
-`relative`. `FiguresCallback` (which `vitexp.train` hands to the Trainer) draws them at the
+next to the first one for `every_layer` placements, whose offset table is drawn for
+`relative` and `relative_2d`, and whose frequencies for `rope_mixed`. The position view of
+the kinds after the paper, which have no table of one vector per patch:
+
+    rope_*       rotary phase similarity, mean over channel pairs of cos(angle_p - angle_q)
+                 (Figure 7's grid of maps; mixed: per head too; _ape: the table beside it)
+    relative_2d  per head, the learned bias as an image of 2-D offsets (centre = 0)
+    conditional  what the PEG's conv adds to an all-ones token grid (norm, similarity)
+
+`FiguresCallback` (which `vitexp.train` hands to the Trainer) draws them at the
 end of a pretraining and logs them; `python -m vitexp.visualize` draws them of a checkpoint.
 The computations are in `vitexp.analysis.viz.compute`, the drawing in
-`vitexp.analysis.viz.plots`, the input images in `vitexp.analysis.viz.images`.
+`vitexp.analysis.viz.plots`, the position view of every kind in
+`vitexp.analysis.viz.positions`, the input images in `vitexp.analysis.viz.images`.
 """
 
 from __future__ import annotations
@@ -33,15 +42,14 @@ from vitexp.analysis.viz.compute import (
     attention_rollout,
     embedding_filter_pcs,
     embedding_filters,
-    grid_structure,
     mean_attention_distance,
-    pos_embed_similarity,
-    position_tables,
     rollout_to_patches,
+    rounded,
     token_boxes,
     tokens_to_pixels,
 )
 from vitexp.analysis.viz.images import load_images, to_batch
+from vitexp.analysis.viz.positions import pos_embed_view
 from vitexp.data.files import write_atomic
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
@@ -58,10 +66,6 @@ FILES = (
     "attention_distance.png",
     "figures.json",
 )
-
-
-def _rounded(t: torch.Tensor, digits: int = 5) -> Any:
-    return np.round(t.detach().double().cpu().numpy(), digits).tolist()
 
 
 def resolve_layer(layer: int | None, depth: int) -> int:
@@ -94,7 +98,7 @@ def _attention_view(model, images, names, maps, boxes) -> tuple[bytes, dict]:
         "method": "rollout R = A_L ... A_1, A_l = rownorm((mean_heads attention + I) / 2)",
         "source": source,
         "grid": list(grid),
-        "maps": [_rounded(m.reshape(grid)) for m in patches],
+        "maps": [rounded(m.reshape(grid)) for m in patches],
     }
     return plots.png_bytes(plots.draw_attention(images, heat, names, title)), data
 
@@ -120,45 +124,10 @@ def _filter_view(model) -> tuple[bytes, dict]:
         "source": source,
         "num_filters": int(weight.shape[0]),
         "filter_shape": list(weight.shape[1:]),
-        "explained_variance_ratio": _rounded(ratio),
-        "components": _rounded(pcs),
+        "explained_variance_ratio": rounded(ratio),
+        "components": rounded(pcs),
     }
     return plots.png_bytes(plots.draw_filters(pcs, ratio, title)), data
-
-
-def _pos_embed_view(model, layer: int) -> tuple[bytes, dict]:
-    spec = model.cfg.pos_embed
-    data: dict[str, Any] = {"kind": spec.kind, "placement": spec.placement}
-    if spec.kind == "none":
-        data["note"] = "the model has no position embedding (pos_embed.kind=none)"
-        text = "This model has no position embedding\n(pos_embed.kind=none): nothing to draw."
-        return plots.png_bytes(plots.draw_message(text)), data
-    n = model.grid_size[0] * model.grid_size[1]
-    if spec.kind == "relative":
-        sim = pos_embed_similarity(model.encoder.blocks[layer].attn.rel_pos.offset_embed)
-        title = (
-            f"Relative position embedding, layer {layer}: cosine similarity of the learned\n"
-            f"offset table ({2 * n - 1} offsets k - q between key and query patches along the "
-            "row-major sequence;\nclass-token vectors excluded)"
-        )
-        data.update(layer=layer, offsets=[-(n - 1), n - 1], similarity=_rounded(sim))
-        return plots.png_bytes(plots.draw_relative_similarity(sim, title)), data
-    labels = {
-        "stem": "the table added to the input",
-        "every_layer_shared": "the table shared by every layer",
-    }
-    panels, tables = [], []
-    for i, table in position_tables(model, layer):
-        sim = pos_embed_similarity(table)
-        panels.append((labels.get(spec.placement, f"layer {i}'s table"), sim))
-        structure = {k: round(v, 5) for k, v in grid_structure(sim, model.grid_size).items()}
-        tables.append({"layer": i, **structure, "similarity": _rounded(sim)})
-    title = (
-        f"Position embedding similarity ({describe(spec)}): cosine similarity of each patch's\n"
-        "embedding (tile at its row, column) to every patch's (class token excluded)"
-    )
-    data.update(grid=list(model.grid_size), tables=tables)
-    return plots.png_bytes(plots.draw_pos_similarity(panels, model.grid_size, title)), data
 
 
 def _distance_view(model, maps, boxes) -> tuple[bytes, dict]:
@@ -173,9 +142,9 @@ def _distance_view(model, maps, boxes) -> tuple[bytes, dict]:
     data = {
         "unit": "pixels",
         "num_images": images,
-        "mean_per_layer": _rounded(per_layer, 3),
+        "mean_per_layer": rounded(per_layer, 3),
         "last_minus_first_layer": round(float(per_layer[-1] - per_layer[0]), 3),
-        "distance": _rounded(distance),
+        "distance": rounded(distance),
     }
     return plots.png_bytes(plots.draw_attention_distance(distance, title)), data
 
@@ -219,7 +188,7 @@ def make_figures(
         model, images, names, maps, boxes
     )
     pngs["embedding_filters.png"], report["embedding_filters"] = _filter_view(model)
-    pngs["pos_embed_similarity.png"], report["pos_embed_similarity"] = _pos_embed_view(model, layer)
+    pngs["pos_embed_similarity.png"], report["pos_embed_similarity"] = pos_embed_view(model, layer)
     pngs["attention_distance.png"], report["attention_distance"] = _distance_view(
         model, maps, boxes
     )

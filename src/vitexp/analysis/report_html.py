@@ -257,6 +257,40 @@ def recipes_section(out: Path) -> str:
     )
 
 
+def resolution_section(out: Path, study: str) -> str:
+    """Accuracy across test resolutions (`python -m vitexp.evaluate`), where the study's
+    jobs were scored at several: `vitexp.report` wrote resolution.csv and .png."""
+    from vitexp.analysis.resolution import read_csv
+
+    rows, lines = read_csv(out / study / "resolution.csv"), {}
+    if not rows:
+        return ""
+    sizes = sorted({r["resolution"] for r in rows}, key=lambda s: [int(v) for v in s.split("x")])
+    several = len({r["patch_size"] for r in rows}) > 1
+    for r in rows:
+        name = r["variant"] + (f", patch {r['patch_size']}" if several else "")
+        lines.setdefault(name, {})[r["resolution"]] = r
+    body = [
+        (
+            name,
+            [
+                num(float(v)) if (v := found.get(size, {}).get(k)) else "N/A"
+                for size in sizes
+                for k in ("mean", "se")
+            ],
+        )
+        for name, found in lines.items()
+    ]
+    head = [h for size in sizes for h in (f"{size} px", "s.e.")]
+    return (
+        f"<h2>Accuracy across test resolutions: {esc(study)}</h2>"
+        + img(out / study / "resolution.png", "accuracy against test resolution")
+        + table(head, body, "variant")
+        + "<p class='note'>top-1 test accuracy without fine-tuning, mean and standard error "
+        "over seeds.</p>"
+    )
+
+
 def figures_section(out: Path, d: Path, model: str) -> str:
     if not (d / "figures.json").is_file():
         return ""
@@ -358,6 +392,7 @@ def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -
         sweep("table8"),
         sweep("data_scaling"),
         recipes_section(out),
+        *(resolution_section(out, name) for name in studies),
         figures_section(
             out, real_figures, "the real data's model (Table 8's 1-D stem run, seed 0)"
         ),

@@ -10,6 +10,8 @@ other axis are never averaged together. Then it writes into MULTIRUN_DIR:
     table.md   the table (also printed)
     table.csv  one row per cell: its axis values, status, mean, std, n, seeds, ...
     table.png  the chart
+    resolution.csv, resolution.png   where jobs have resolutions.json (vitexp.evaluate):
+               accuracy against the test resolution per variant, mean ± s.e. over seeds
 
 laid out by the axes:
 
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitexp.analysis import resolution
 from vitexp.analysis.claims import gain, probe_tells
 from vitexp.analysis.recipes import mean_std as seed_mean_std
 from vitexp.data.files import write_atomic
@@ -736,7 +739,8 @@ def summarise_sweep(sweep_dir: Path) -> SweepSummary:
 
 
 def report(sweep_dir: str | Path) -> SweepSummary:
-    """Write table.md, table.csv and table.png for a sweep; returns its summary, whose cells
+    """Write table.md, table.csv and table.png for a sweep (and, where its jobs have a
+    resolutions.json, resolution.csv and resolution.png); returns its summary, whose cells
     are keyed by (kind, placement) for Table 8, else by the axes' values as the table
     writes them."""
     sweep_dir = Path(sweep_dir)
@@ -745,4 +749,6 @@ def report(sweep_dir: str | Path) -> SweepSummary:
     write_atomic(sweep_dir / "table.csv", s.csv)
     s.figure.savefig(sweep_dir / "table.png", dpi=120)
     print(s.table + f"-> {sweep_dir}/table.md, table.csv, table.png")
+    if resolution.write_sweep(sweep_dir):  # jobs scored by vitexp.evaluate
+        print(f"-> {sweep_dir}/resolution.csv, resolution.png (accuracy across test resolutions)")
     return s

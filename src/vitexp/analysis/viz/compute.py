@@ -8,7 +8,9 @@ Pure tensor functions, no plotting:
   mapping of per-token values back to pixels;
 - mean attention distance (Figure 7 right): per layer and head, the attention-weighted mean
   pixel distance from a query patch's centre to the key patches' centres;
-- position-embedding similarity (Figure 7 centre) and its grid-of-small-maps layout;
+- position-embedding similarity (Figure 7 centre) and its grid-of-small-maps layout; for
+  the encodings after the paper, RoPE's phase similarity, the 2-D relative bias as an image
+  of offsets, and what CPVT's generator adds to a constant token grid;
 - principal components of the embedding filters (Figure 7 left).
 
 Boxes are (x0, y0, x1, y1) in pixels, end exclusive (torchvision's order), one per patch
@@ -26,7 +28,13 @@ from torch import nn
 
 from vitexp.models.hybrid import STRIDE, HybridEmbed
 from vitexp.models.patch_embed import Size2d
+from vitexp.models.relative_2d import NUM_SPECIAL, relative_index_2d
 from vitexp.models.resnet import StdConv2d
+
+
+def rounded(t: torch.Tensor, digits: int = 5):
+    """A tensor as nested lists of floats rounded to `digits` (for figures.json)."""
+    return np.round(t.detach().double().cpu().numpy(), digits).tolist()
 
 
 # --- attention rollout ---------------------------------------------------------------------
@@ -175,6 +183,54 @@ def position_tables(model: nn.Module, layer: int) -> list[tuple[int, torch.Tenso
     p = model.num_prefix_tokens
     layers = [0, layer] if len(tables) > 1 and layer != 0 else [0]
     return [(i, tables[i].table()[0, p:].detach()) for i in layers]
+
+
+def rope_phase_similarity(angles: torch.Tensor) -> torch.Tensor:
+    """(heads, N, pairs) rotary angles -> (heads, N, N) mean over the channel pairs of
+    cos(angle_p - angle_q): a RoPE'd query-key score of identical content (equal energy in
+    every pair) at patches p and q, relative to the same two at one patch."""
+    a = angles.detach().double().cpu()
+    cos, sin = a.cos(), a.sin()
+    # cos(a - b) = cos a cos b + sin a sin b, averaged over the pairs
+    return ((cos @ cos.transpose(1, 2) + sin @ sin.transpose(1, 2)) / a.shape[-1]).float()
+
+
+def by_offset(similarity: torch.Tensor, grid_size: Size2d) -> torch.Tensor:
+    """(..., N, N) pair values -> (..., 2H-1, 2W-1) their mean over the pairs of each 2-D
+    offset (row, column of p minus those of q; the centre is offset 0): for a function of
+    the offset alone (RoPE's phase similarity) its exact value."""
+    rows, cols = grid_size
+    index = relative_index_2d(grid_size, 0).flatten()  # (N*N,) offset of each pair
+    size = (2 * rows - 1) * (2 * cols - 1)
+    flat = similarity.double().flatten(-2)
+    total = torch.zeros(*flat.shape[:-1], size, dtype=torch.float64)
+    total.index_add_(-1, index, flat)
+    count = torch.bincount(index, minlength=size).double()
+    return (total / count).reshape(*flat.shape[:-1], 2 * rows - 1, 2 * cols - 1).float()
+
+
+def relative_2d_tables(rel_pos: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `RelativePositionBias2D`'s table as (heads, 2H-1, 2W-1) images of the bias of each
+    offset (query - key, row-major; the centre is offset 0) and its (heads, k) class-token
+    entries (class -> patch, patch -> class, class -> class; k = 0 without a class token)."""
+    rows, cols = rel_pos.grid_size
+    table = rel_pos.table.detach().float().cpu()  # (offsets + special, heads)
+    offsets = (2 * rows - 1) * (2 * cols - 1)
+    images = table[:offsets].T.reshape(-1, 2 * rows - 1, 2 * cols - 1)
+    special = table[offsets : offsets + NUM_SPECIAL].T
+    return images, special
+
+
+def conditional_addition(peg: nn.Module) -> torch.Tensor:
+    """(N, D) what a `PositionEncodingGenerator` adds to an all-ones token grid, less its
+    conv's bias (the same at every patch): its depthwise 3x3 conv of the zero-padded grid,
+    per channel the sum of the kernel taps that fall inside the grid. Interior patches all
+    get the same vector; border ones differ: the PEG's only absolute position signal."""
+    conv = peg.proj
+    weight = conv.weight.detach().double().cpu()  # (D, 1, 3, 3)
+    ones = torch.ones(1, weight.shape[0], *peg.grid_size, dtype=torch.float64)
+    out = F.conv2d(ones, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out[0].flatten(1).T.float()  # (N, D), row-major
 
 
 # --- embedding filters ---------------------------------------------------------------------

@@ -116,30 +116,103 @@ def _tile_ticks(ax, axis: str, n: int, gap: int) -> None:
         ax.set_yticks(centres, labels, fontsize=7)
 
 
-def draw_pos_similarity(
-    panels: list[tuple[str, torch.Tensor]], grid_size: tuple[int, int], title: str
-) -> Figure:
-    """Figure 7 (centre): per panel, a rows x cols grid of small rows x cols maps."""
+def _mosaic_side(grid_size: tuple[int, int]) -> tuple[float, float]:
+    """Width and height (inches) of one Figure-7 mosaic: big enough that each tile pixel
+    (and each 1-pixel gap) spans >= ~3 screen pixels."""
     rows, cols = grid_size
-    gap = 1
-    # big enough that each tile pixel (and each 1-pixel gap) spans >= ~3 screen pixels
     side = min(10.0, max(4.6, 3.0 * max(rows, cols) ** 2 / DPI))
-    width, height = (side, side * rows / cols) if cols >= rows else (side * cols / rows, side)
-    fig = Figure(figsize=(width * len(panels) + 1.2, height + 1.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    return (side, side * rows / cols) if cols >= rows else (side * cols / rows, side)
+
+
+def _draw_mosaic(ax, sim: torch.Tensor, grid_size: tuple[int, int], label: str, gap: int = 1):
+    rows, cols = grid_size
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # the gaps
+    mosaic = np.ma.masked_invalid(similarity_mosaic(sim, grid_size, gap))
+    image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    _tile_ticks(ax, "x", cols, gap)
+    _tile_ticks(ax, "y", rows, gap)
+    ax.set_xlabel("input patch column")
+    ax.set_ylabel("input patch row")
+    ax.set_title(label, fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return image
+
+
+def draw_pos_similarity(
+    panels: list[tuple[str, torch.Tensor]],
+    grid_size: tuple[int, int],
+    title: str,
+    label: str = "cosine similarity",
+    max_cols: int = 4,
+) -> Figure:
+    """Figure 7 (centre): per panel, a rows x cols grid of small rows x cols maps; panels
+    side by side, wrapped after `max_cols`."""
+    width, height = _mosaic_side(grid_size)
+    cols = min(len(panels), max_cols)
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(width * cols + 1.2, height * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
     last = None
-    for ax, (label, sim) in zip(axes, panels, strict=True):
-        mosaic = np.ma.masked_invalid(similarity_mosaic(sim, grid_size, gap))
-        last = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
-        _tile_ticks(ax, "x", cols, gap)
-        _tile_ticks(ax, "y", rows, gap)
-        ax.set_xlabel("input patch column")
-        ax.set_ylabel("input patch row")
-        ax.set_title(label, fontsize=9)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-    fig.colorbar(last, ax=list(axes), shrink=0.8, label="cosine similarity")
+    for ax, (name, sim) in zip(axes, panels, strict=False):
+        last = _draw_mosaic(ax, sim, grid_size, name)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.colorbar(last, ax=list(axes[: len(panels)]), shrink=0.8, label=label)
+    _suptitle(fig, title, fontsize=10)
+    return fig
+
+
+def draw_offset_bias(tables: torch.Tensor, title: str, max_cols: int = 6) -> Figure:
+    """A 2-D relative bias: per head, its (2H-1) x (2W-1) image of offsets query - key,
+    offset 0 at the centre; one symmetric colour scale for all heads."""
+    heads, h, w = tables.shape
+    cols = min(heads, max_cols)
+    rows = math.ceil(heads / cols)
+    side = min(3.2, max(2.0, 0.12 * max(h, w)))
+    fig = Figure(figsize=(side * cols + 1.4, side * h / w * rows + 1.3), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    bound = max(float(tables.abs().max()), 1e-12)
+    extent = (-(w // 2) - 0.5, w // 2 + 0.5, h // 2 + 0.5, -(h // 2) - 0.5)
+    style = dict(extent=extent, interpolation="nearest")
+    image = None
+    for i, ax in enumerate(axes):
+        if i >= heads:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(tables[i].numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, **style)
+        ax.set_title(f"head {i}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("row offset", fontsize=8)
+        if i >= heads - cols:
+            ax.set_xlabel("column offset", fontsize=8)
+    fig.colorbar(image, ax=list(axes[:heads]), shrink=0.8, label="bias (query - key offset)")
+    _suptitle(fig, title, fontsize=9)
+    return fig
+
+
+def draw_conditional(
+    norm: torch.Tensor, sim: torch.Tensor, grid_size: tuple[int, int], title: str
+) -> Figure:
+    """CPVT's generator: the norm of what it adds per patch (left) and the Figure-7 mosaic
+    of the cosine similarity of those additions (right)."""
+    width, height = _mosaic_side(grid_size)
+    fig = Figure(figsize=(2 * width + 2.4, height + 1.2), layout="constrained")
+    ax_norm, ax_sim = fig.subplots(1, 2)
+    image = ax_norm.imshow(norm.numpy(), cmap="magma", vmin=0, interpolation="nearest")
+    rows, cols = grid_size
+    ax_norm.set_xticks(range(0, cols, max(1, math.ceil(cols / 12))))
+    ax_norm.set_yticks(range(0, rows, max(1, math.ceil(rows / 12))))
+    ax_norm.xaxis.set_major_formatter(lambda v, _: f"{v + 1:.0f}")  # 1-based, as the mosaic
+    ax_norm.yaxis.set_major_formatter(lambda v, _: f"{v + 1:.0f}")
+    ax_norm.tick_params(labelsize=7)
+    ax_norm.set_xlabel("input patch column")
+    ax_norm.set_ylabel("input patch row")
+    ax_norm.set_title("norm of the addition, per patch", fontsize=9)
+    fig.colorbar(image, ax=ax_norm, shrink=0.8, label="L2 norm")
+    last = _draw_mosaic(ax_sim, sim, grid_size, "cosine similarity of the additions")
+    fig.colorbar(last, ax=ax_sim, shrink=0.8, label="cosine similarity")
     _suptitle(fig, title, fontsize=10)
     return fig
 
