@@ -395,32 +395,37 @@ def real_figures(out: Path, say) -> None:
 TEST_RESOLUTIONS = "[14,21,28,35,42,56]"
 
 
-def resolution_curves(out: Path, planned: list[Job], say) -> None:
-    """`python -m vitexp.evaluate` on every finished real_resolution run, once (as a user
-    would score a checkpoint away from its training resolution)."""
+def resolution_curves(out: Path, planned: list[Job], jobs: int, say) -> None:
+    """`python -m vitexp.evaluate` on every finished real_resolution run, once, `jobs` at a
+    time (as a user would score a checkpoint away from its training resolution); RoPE runs
+    twice: positions extrapolated (resolutions.json) and interpolated."""
     from vitexp.models.pos_embed import ROPE_KINDS
 
+    commands = []
     for job in planned:
         run = out / job.study / job.name
         if job.study != "real_resolution" or not (run / RESULTS).is_file():
             continue
         kind = next(o.split("=")[1] for o in job.overrides if o.startswith("model.pos_embed.kind"))
-        policies = ["extrapolate", "interpolate"] if kind in ROPE_KINDS else [None]
-        for policy in policies:
-            name = (
-                "resolutions.json"
-                if policy in (None, "extrapolate")
-                else f"resolutions_{policy}.json"
-            )
+        for policy in ["extrapolate", "interpolate"] if kind in ROPE_KINDS else [None]:
+            name = "resolutions_interpolate.json" if policy == "interpolate" else "resolutions.json"
             if (run / name).is_file():
                 continue
             cmd = [sys.executable, "-m", "vitexp.evaluate", f"pretrained='{run}'"]
             cmd += [f"resolutions={TEST_RESOLUTIONS}", f"out='{run / name}'"]
-            cmd += [f"rope_positions={policy}"] if policy else []
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            lines = (done.stdout + done.stderr).strip().splitlines() or [""]
-            label = f"{job.key} {name}"
-            say(f"failed {label}: {lines[-1]}" if done.returncode else f"done   {label}")
+            commands.append(
+                (f"{job.key} {name}", cmd + ([f"rope_positions={policy}"] if policy else []))
+            )
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+
+    def evaluate(label: str, cmd: list[str]) -> None:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = (done.stdout + done.stderr).strip().splitlines() or [""]
+        say(f"failed {label}: {lines[-1]}" if done.returncode else f"done   {label}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(evaluate, label, cmd) for label, cmd in commands]:
+            future.result()
 
 
 def reproduce(
@@ -447,7 +452,7 @@ def reproduce(
     if "real_table8" in studies:
         real_figures(out, say)
     if "real_resolution" in studies:
-        resolution_curves(out, planned, say)
+        resolution_curves(out, planned, jobs, say)
     summaries = {s: tables.report(out / s) for s in SWEEPS if s in studies}
     if "recipes" in studies:
         from vitexp.analysis import recipes

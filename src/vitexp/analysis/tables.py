@@ -54,7 +54,14 @@ ROWS = {
     "learned_2d": "2-D Pos. Emb.",
     "relative": "Rel. Pos. Emb.",
     "sincos_2d": "2-D sin-cos (beyond the paper)",
+    "rope_axial": "RoPE-Axial (beyond the paper)",
+    "rope_mixed": "RoPE-Mixed (beyond the paper)",
+    "rope_axial_ape": "RoPE-Axial + APE (beyond the paper)",
+    "rope_mixed_ape": "RoPE-Mixed + APE (beyond the paper)",
+    "relative_2d": "2-D rel. bias (beyond the paper)",
+    "conditional": "Conditional PEG (beyond the paper)",
 }
+PAPER_ROWS = ("none", "learned_1d", "learned_2d", "relative")  # always shown, run or not
 COLUMNS = {
     "stem": "Default/Stem",
     "every_layer": "Every Layer",
@@ -386,7 +393,7 @@ def cell_text(kind: str, placement: str, cell: Cell | None) -> str:
 
 
 def rows_in(cells: dict) -> list[str]:
-    return [k for k in ROWS if k != "sincos_2d" or any(key[0] == k for key in cells)]
+    return [k for k in ROWS if k in PAPER_ROWS or any(key[0] == k for key in cells)]
 
 
 def markdown(cells: dict, metric: str | None, jobs: list[Job]) -> str:
@@ -482,7 +489,8 @@ def table_figure(cells: dict, metric: str | None) -> Figure:
                 means.append(cell.mean)
                 errs.append(cell.std or 0.0)
         ax.bar(xs, means, width, yerr=errs, capsize=3, color=COLOURS[placement], label=label)
-    ax.set_xticks(range(len(kinds)), [ROWS[k].replace(" (beyond the paper)", "") for k in kinds])
+    labels = [ROWS[k].replace(" (beyond the paper)", "") for k in kinds]
+    ax.set_xticks(range(len(kinds)), labels, rotation=25 if len(kinds) > 5 else 0, ha="right")
     ax.set_ylabel(f"few-shot accuracy ({metric})" if metric else "few-shot accuracy")
     ax.set_title("Position-embedding ablation (paper's Table 8); N/A cells are absent")
     # every placement in the legend, drawn or not (an empty bar set has no colour to show)
