@@ -30,6 +30,7 @@ def test_plan_expands_the_presets_and_records_na_cells(tmp_path: Path):
     assert studies.count("real_table8") == 12 * 3
     assert studies.count("real_scaling") == 2 * 5 * 2
     assert studies.count("real_transfer") == 2 * 3  # pretrained and scratch x seeds
+    assert studies.count("real_resolution") == 7 * 3  # kinds x seeds, all at the stem
     na = [j for j in jobs if j.status == "n/a"]
     assert len(na) == 2 * 4 * 3 and {j.study for j in na} == {"table8", "real_table8"}
     record = json.loads((tmp_path / na[0].study / na[0].name / "results.json").read_text())
@@ -49,6 +50,53 @@ def test_plan_expands_the_presets_and_records_na_cells(tmp_path: Path):
     assert {j.study for j in plan(tmp_path / "default")} == {"quickstart", *STUDIES}
     with pytest.raises(ConfigError, match="real_transfer fine-tunes real_table8's"):
         plan(tmp_path, studies=("real_transfer",))
+
+
+def test_the_modern_ablation_is_the_papers_cells_plus_the_new_kinds_at_the_stem():
+    from vitexp.config import validate
+    from vitexp.models import NotApplicableCell
+    from vitexp.reproduce import compose, config_dir, sweep_jobs
+
+    trained, na = [], []
+    with config_dir():
+        for job in sweep_jobs("x", "ablation_posemb_modern", 1):
+            try:
+                validate(compose(job.overrides))
+                trained.append(job.name)
+            except NotApplicableCell:
+                na.append(job.name)
+    assert len(trained) + len(na) == 10 * 3  # kinds x placements
+    assert len(na) == (2 + 6) * 2  # none, relative and the 6 new kinds off the stem
+    assert "kind=rope_mixed,placement=stem,seed=0" in trained
+    assert "kind=rope_mixed,placement=every_layer,seed=0" in na
+
+
+def test_resolution_curves_score_each_finished_run_once_rope_twice(tmp_path, monkeypatch):
+    from vitexp import reproduce
+
+    jobs = [
+        reproduce.Job("real_resolution", f"kind={kind},seed=0", [f"model.pos_embed.kind={kind}"])
+        for kind in ("rope_mixed", "learned_1d", "conditional")
+    ]
+    for job in jobs[:2]:  # the conditional run has not finished
+        (tmp_path / job.study / job.name).mkdir(parents=True)
+        (tmp_path / job.study / job.name / "results.json").write_text("{}")
+    (tmp_path / "real_resolution" / "kind=learned_1d,seed=0" / "resolutions.json").write_text("{}")
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    said = []
+    reproduce.resolution_curves(tmp_path, jobs, 2, said.append)
+    assert len(calls) == 2 and all("vitexp.evaluate" in c for c in calls)
+    policies = sorted(next((a for a in c if a.startswith("rope_positions")), "") for c in calls)
+    assert policies == ["rope_positions=extrapolate", "rope_positions=interpolate"]  # 1-D: done
+    assert all(f"resolutions={reproduce.TEST_RESOLUTIONS}" in c for c in calls)
+    assert any("resolutions_interpolate.json" in " ".join(c) for c in calls)
+    assert len(said) == 2 and all(line.startswith("done") for line in said)
 
 
 def test_plan_skips_finished_jobs_and_resumes_interrupted_ones(tmp_path: Path):
