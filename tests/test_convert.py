@@ -46,8 +46,11 @@ def test_from_timm_same_logits(name, kwargs):
 def test_from_timm_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="reg_tokens|num_reg_tokens=4"):
         from_timm(timm.create_model("vit_tiny_patch16_224", reg_tokens=4, pretrained=False))
-    with pytest.raises(ValueError, match=r"blocks\.\*\.ls1 \(LayerScale\)"):
-        from_timm(timm.create_model("vit_tiny_patch16_224", init_values=1e-5, pretrained=False))
+    with pytest.raises(ValueError, match=r"blocks\.\*\.attn\.q_norm \(LayerNorm\)"):
+        from_timm(timm.create_model("vit_tiny_patch16_224", qk_norm=True, pretrained=False))
+    # Eva: RoPE-ViT's models convert, EVA-02 (its own attention, 'ij' RoPE grid) does not
+    with pytest.raises(ValueError, match="Eva model uses rope_grid_indexing='ij'.*EvaAttention"):
+        from_timm(timm.create_model("eva02_tiny_patch14_224", pretrained=False))
     with pytest.raises(ValueError, match="global_pool='map'"):
         from_timm(timm.create_model("vit_tiny_patch16_224", global_pool="map", pretrained=False))
     with pytest.raises(ValueError, match=r"hybrid backbone with layers=\(2, 2, 2, 2\)"):
