@@ -149,7 +149,7 @@ def test_claims_follow_their_rules():
         ("vit_tiny_p8", "60000"): cell(0.74, 0.76, images=60000),
     }
     claims = judge(table8, scaling, FIGURES, "digits/10shot")
-    assert [c.held for c in claims] == [True, True, True, True, True, None]
+    assert [c.held for c in claims] == [True, True, True, True, True, None, None]
     assert "gap +0.1000" in claims[0].measured
     assert "+0.2000 at 2000 images, +0.0000 at 60000" in claims[4].measured
 
@@ -164,9 +164,38 @@ def test_claims_follow_their_rules():
         },
     }
     scaling[("vit_tiny_p8", "60000")] = cell(0.4, 0.4, images=60000)
-    assert [c.held for c in judge(table8, scaling, flat, "m")] == [False] * 5 + [None]
+    assert [c.held for c in judge(table8, scaling, flat, "m")] == [False] * 5 + [None] * 2
     # and a claim without its runs is "not run", never a verdict
-    assert [c.verdict for c in judge({}, {}, None, "m")] == ["not run"] * 6
+    assert [c.verdict for c in judge({}, {}, None, "m")] == ["not run"] * 7
+
+
+def test_rope_mixed_claim_reads_the_resolution_study_above_the_training_resolution(tmp_path):
+    from vitexp.analysis.claims import rope_mixed_extrapolates
+    from vitexp.analysis.resolution import rope_mixed_pairs
+
+    def write(kind: str, seed: int, accs: dict[int, float]) -> None:
+        run = tmp_path / f"kind={kind},seed={seed}"
+        run.mkdir()
+        results = [
+            {"resolution": r, "patch_size": 7, "accuracy": a, "correct": 0, "n": 1}
+            for r, a in accs.items()
+        ]
+        record = {"train_resolution": [28, 28], "train_patch_size": 7, "results": results}
+        (run / "resolutions.json").write_text(json.dumps(record))
+
+    for seed, lift in enumerate((0.10, 0.12, 0.11)):
+        # below and at the training resolution the 1-D table wins: they must not count
+        write("learned_1d", seed, {14: 0.9, 28: 0.9, 35: 0.5, 56: 0.3})
+        write("rope_mixed", seed, {14: 0.1, 28: 0.8, 35: 0.5 + lift, 56: 0.3 + lift})
+    write("rope_mixed", 3, {35: 0.9})  # no 1-D run of that seed: not a pair
+    pairs = rope_mixed_pairs(tmp_path)
+    assert sorted(pairs) == [0, 1, 2]
+    assert pairs[1] == pytest.approx((0.52, 0.40))
+    claim = rope_mixed_extrapolates(pairs)
+    assert claim.held is True and "paired gain +0.1100" in claim.measured
+    pairs[2] = (0.30, 0.40)  # one seed the other way: within 2 standard errors
+    assert rope_mixed_extrapolates(pairs).held is False
+    assert rope_mixed_extrapolates({}).verdict == "not run"
 
 
 def test_pretraining_transfers_when_the_paired_gain_beats_two_standard_errors():

@@ -16,6 +16,11 @@
 6. pretraining transfers: fine-tuned from dataset A minus trained from scratch, dataset B
    test accuracy at equal budget, paired by seed; holds when the gain is more than two
    standard errors over at least 3 seeds.
+7. (RoPE-ViT, Heo et al. 2024, not the ViT paper) RoPE-Mixed holds up above the training
+   resolution: dataset A test accuracy averaged over the test resolutions above the
+   training one, without fine-tuning (RoPE's positions extended to the larger grid, the
+   1-D table interpolated), RoPE-Mixed minus the 1-D table, paired by seed; holds when the
+   gain is more than two standard errors over at least 3 seeds.
 
 A claim whose runs are missing is "not run"; numbers are never invented for it.
 
@@ -307,12 +312,44 @@ def pretraining_transfers(pairs: dict[int, tuple[float, float]] | None) -> Claim
     return Claim("Pretraining transfers", paper, measured, held, summary=summary)
 
 
+def rope_mixed_extrapolates(pairs: dict[int, tuple[float, float]] | None) -> Claim:
+    """pairs: seed -> (RoPE-Mixed, 1-D table) mean test accuracy above the training
+    resolution."""
+    name = "RoPE-Mixed holds up at higher resolution (RoPE-ViT)"
+    paper = (
+        "RoPE-ViT: ViT-S 224 -> 384 px without fine-tuning, APE 80.4 -> 79.4, "
+        "RoPE-Mixed 80.9 -> 81.8"
+    )
+    if not pairs or len(pairs) < 2:
+        return Claim(name, paper, "not run", None)
+    gains = [rope - ape for rope, ape in pairs.values()]
+    mean = statistics.fmean(gains)
+    se = statistics.stdev(gains) / math.sqrt(len(gains))
+    rope = statistics.fmean(r for r, _ in pairs.values())
+    ape = statistics.fmean(a for _, a in pairs.values())
+    measured = (
+        f"dataset A test accuracy above the training resolution, seeds {sorted(pairs)}: "
+        f"RoPE-Mixed {rope:.4f}, 1-D table {ape:.4f}; paired gain {mean:+.4f} "
+        f"(2 SE = {2 * se:.4f})"
+    )
+    held = len(gains) >= MIN_SEEDS and mean > 2 * se
+    summary = (
+        f"Yes: above the training resolution RoPE-Mixed beats the 1-D table by {mean:+.3f} "
+        f"over {len(gains)} seeds, more than 2 standard errors."
+        if held
+        else f"Not shown: RoPE-Mixed minus the 1-D table above the training resolution is "
+        f"{mean:+.3f} over {len(gains)} seeds (2 standard errors: {2 * se:.3f})."
+    )
+    return Claim(name, paper, measured, held, summary=summary)
+
+
 def judge(
     table8: dict | None,
     scaling: dict | None,
     figures: dict | None,
     metric: str,
     transfer: dict[int, tuple[float, float]] | None = None,
+    resolution: dict[int, tuple[float, float]] | None = None,
 ) -> list:
     """Every claim, in the README's order."""
     table8, scaling = table8 or {}, scaling or {}
@@ -323,4 +360,5 @@ def judge(
         position_structure(figures),
         _data_claim(vit_needs_more_data(scaling, metric), scaling),
         pretraining_transfers(transfer),
+        rope_mixed_extrapolates(resolution),
     ]

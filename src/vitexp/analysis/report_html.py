@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitexp.analysis import resolution
 from vitexp.analysis.claims import judge
 from vitexp.data.files import write_atomic
 
@@ -260,9 +261,7 @@ def recipes_section(out: Path) -> str:
 def resolution_section(out: Path, study: str) -> str:
     """Accuracy across test resolutions (`python -m vitexp.evaluate`), where the study's
     jobs were scored at several: `vitexp.report` wrote resolution.csv and .png."""
-    from vitexp.analysis.resolution import read_csv
-
-    rows, lines = read_csv(out / study / "resolution.csv"), {}
+    rows, lines = resolution.read_csv(out / study / "resolution.csv"), {}
     if not rows:
         return ""
     sizes = sorted({r["resolution"] for r in rows}, key=lambda s: [int(v) for v in s.split("x")])
@@ -363,7 +362,8 @@ def write_report(out: Path, jobs: list, timing: dict[str, Any], studies: dict) -
     on_real = t8_name.startswith("real") and (real_figures / "figures.json").is_file()
     figures = read_json((real_figures if on_real else quick_figures) / "figures.json")
     pairs = transfer_pairs(out)
-    claims = judge(t8_cells, sc_cells, figures, metric, pairs)
+    rope_pairs = resolution.rope_mixed_pairs(out / "real_resolution")
+    claims = judge(t8_cells, sc_cells, figures, metric, pairs, rope_pairs)
     write_atomic(
         out / "claims.json",
         json.dumps([{**c.__dict__, "verdict": c.verdict} for c in claims], indent=2) + "\n",

@@ -311,6 +311,35 @@ def summarise_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def mean_above_training(record: dict[str, Any]) -> float | None:
+    """Mean accuracy of a resolutions.json over the test resolutions above the training one
+    (at the training patch size); None when it has none."""
+    train = to_2tuple(record["train_resolution"], "train_resolution")
+    accs = [
+        r["accuracy"]
+        for r in record.get("results", [])
+        if r.get("accuracy") is not None
+        and r.get("patch_size") == record.get("train_patch_size")
+        and min(to_2tuple(r["resolution"], "resolution")) > max(train)
+    ]
+    return sum(accs) / len(accs) if accs else None
+
+
+def rope_mixed_pairs(study: Path) -> dict[int, tuple[float, float]]:
+    """seed -> (RoPE-Mixed, 1-D table) mean accuracy above the training resolution, from a
+    resolution study's `kind=...,seed=N/resolutions.json` (claim 7 of analysis.claims)."""
+    pairs = {}
+    for rope_file in sorted(study.glob(f"kind=rope_mixed,seed=*/{RESULTS}")):
+        seed = rope_file.parent.name.rsplit("=", 1)[1]
+        ape_file = study / f"kind=learned_1d,seed={seed}" / RESULTS
+        if not ape_file.is_file():
+            continue
+        rope, ape = (mean_above_training(json.loads(f.read_text())) for f in (rope_file, ape_file))
+        if rope is not None and ape is not None:
+            pairs[int(seed)] = (rope, ape)
+    return pairs
+
+
 COLUMNS = ("variant", "resolution", "patch_size", "mean", "se", "n")
 
 
