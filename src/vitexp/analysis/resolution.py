@@ -358,7 +358,7 @@ def figure(rows: list[dict[str, Any]]) -> Figure:
     with the standard error over seeds as error bars."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), layout="tight")
+    fig = Figure(figsize=(9, 4.5), layout="tight")
     ax = fig.subplots()
     patches = {row["patch_size"] for row in rows}
     lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -376,7 +376,7 @@ def figure(rows: list[dict[str, Any]]) -> Figure:
     ax.set_ylabel("test accuracy (top-1)")
     ax.set_title("Accuracy across test resolutions (mean ± s.e. over seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines
     return fig
 
 
