@@ -23,7 +23,13 @@ VARIANTS = [
     ("learned_2d", "every_layer_shared"),
     ("relative", "stem"),
     ("sincos_2d", "stem"),
+    ("rope_axial", "stem"),
+    ("rope_mixed_ape", "stem"),
+    ("relative_2d", "stem"),
+    ("conditional", "stem"),
 ]
+# the kinds after the paper run on the GPU path too: compiled, and under bf16 autocast
+MODERN = ["rope_mixed", {"kind": "relative_2d", "shared": True}, "conditional"]
 
 
 def _random_model(seed: int = 0, **kwargs):
@@ -85,8 +91,9 @@ def test_fused_optimizer_matches_the_per_tensor_loop(name):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_model_matches_eager():
-    model = _random_model(pos_embed="learned_2d")
+@pytest.mark.parametrize("pos_embed", ["learned_2d", *MODERN], ids=str)
+def test_compiled_model_matches_eager(pos_embed):
+    model = _random_model(pos_embed=pos_embed, layer_scale_init=0.5)
     compiled = torch.compile(model)
     x = torch.randn(4, 3, 32, 32)
     eager_out = model(x)
@@ -98,8 +105,11 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
-def test_bf16_autocast_stays_close_to_fp32():
-    model = _random_model().eval()
+@pytest.mark.parametrize("pos_embed", ["learned_1d", *MODERN], ids=str)
+def test_bf16_autocast_stays_close_to_fp32(pos_embed):
+    model = _random_model(pos_embed=pos_embed).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(2)  # logits well above bf16's rounding, for every variant
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         exact = model(x)
