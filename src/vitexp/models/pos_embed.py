@@ -89,6 +89,12 @@ class PosEmbedSpec:
             raise ValueError(
                 f"pos_embed.placement={self.placement!r} is not one of {', '.join(PLACEMENTS)}"
             )
+        if self.kind in MODERN_KINDS and self.placement != "stem":
+            raise NotApplicableCell(
+                f"pos_embed.kind={self.kind} with placement={self.placement} is an N/A cell: "
+                f"{self.kind} acts inside the blocks, not as an added table, and exists only "
+                "at placement=stem"
+            )
         if self.kind in STEM_ONLY_KINDS and self.placement != "stem":
             raise NotApplicableCell(
                 f"pos_embed.kind={self.kind} with placement={self.placement} is an N/A cell of "
