@@ -287,29 +287,54 @@ def vit_needs_more_data(cells: dict, metric: str) -> Claim:
     return Claim("ViT needs more data than a CNN", paper, measured, held, summary=summary)
 
 
+@dataclass
+class Paired:
+    """Two arms measured on the same seeds: their means, the paired gain (first - second)
+    and its standard error; `held` is the rule of claims 6 and 7."""
+
+    first: float
+    second: float
+    gain: float
+    se: float
+    n: int
+
+    @classmethod
+    def of(cls, pairs: dict[int, tuple[float, float]]) -> Paired:
+        gains = [a - b for a, b in pairs.values()]
+        return cls(
+            statistics.fmean(a for a, _ in pairs.values()),
+            statistics.fmean(b for _, b in pairs.values()),
+            statistics.fmean(gains),
+            statistics.stdev(gains) / math.sqrt(len(gains)),
+            len(gains),
+        )
+
+    @property
+    def held(self) -> bool:
+        return self.n >= MIN_SEEDS and self.gain > 2 * self.se
+
+    def gain_text(self) -> str:
+        return f"paired gain {self.gain:+.4f} (2 SE = {2 * self.se:.4f})"
+
+
 def pretraining_transfers(pairs: dict[int, tuple[float, float]] | None) -> Claim:
     """pairs: seed -> (dataset B test accuracy fine-tuned from A, from scratch)."""
     paper = "pre-training on a larger related dataset, then fine-tuning, beats the target alone"
     if not pairs or len(pairs) < 2:
         return Claim("Pretraining transfers", paper, "not run", None)
-    gains = [tuned - scratch for tuned, scratch in pairs.values()]
-    mean = statistics.fmean(gains)
-    se = statistics.stdev(gains) / math.sqrt(len(gains))
-    tuned = statistics.fmean(t for t, _ in pairs.values())
-    scratch = statistics.fmean(s for _, s in pairs.values())
+    p = Paired.of(pairs)
     measured = (
-        f"dataset B test accuracy over seeds {sorted(pairs)}: fine-tuned {tuned:.4f}, from "
-        f"scratch {scratch:.4f}; paired gain {mean:+.4f} (2 SE = {2 * se:.4f})"
+        f"dataset B test accuracy over seeds {sorted(pairs)}: fine-tuned {p.first:.4f}, from "
+        f"scratch {p.second:.4f}; {p.gain_text()}"
     )
-    held = len(gains) >= MIN_SEEDS and mean > 2 * se
     summary = (
-        f"Yes: fine-tuning from dataset A beats training on B from scratch by {mean:+.3f} "
-        f"over {len(gains)} seeds, more than 2 standard errors."
-        if held
-        else f"Not shown: the gain {mean:+.3f} over {len(gains)} seeds is within 2 standard "
-        f"errors ({2 * se:.3f}) or has fewer than {MIN_SEEDS} seeds."
+        f"Yes: fine-tuning from dataset A beats training on B from scratch by {p.gain:+.3f} "
+        f"over {p.n} seeds, more than 2 standard errors."
+        if p.held
+        else f"Not shown: the gain {p.gain:+.3f} over {p.n} seeds is within 2 standard "
+        f"errors ({2 * p.se:.3f}) or has fewer than {MIN_SEEDS} seeds."
     )
-    return Claim("Pretraining transfers", paper, measured, held, summary=summary)
+    return Claim("Pretraining transfers", paper, measured, p.held, summary=summary)
 
 
 def rope_mixed_extrapolates(pairs: dict[int, tuple[float, float]] | None) -> Claim:
@@ -322,25 +347,19 @@ def rope_mixed_extrapolates(pairs: dict[int, tuple[float, float]] | None) -> Cla
     )
     if not pairs or len(pairs) < 2:
         return Claim(name, paper, "not run", None)
-    gains = [rope - ape for rope, ape in pairs.values()]
-    mean = statistics.fmean(gains)
-    se = statistics.stdev(gains) / math.sqrt(len(gains))
-    rope = statistics.fmean(r for r, _ in pairs.values())
-    ape = statistics.fmean(a for _, a in pairs.values())
+    p = Paired.of(pairs)
     measured = (
         f"dataset A test accuracy above the training resolution, seeds {sorted(pairs)}: "
-        f"RoPE-Mixed {rope:.4f}, 1-D table {ape:.4f}; paired gain {mean:+.4f} "
-        f"(2 SE = {2 * se:.4f})"
+        f"RoPE-Mixed {p.first:.4f}, 1-D table {p.second:.4f}; {p.gain_text()}"
     )
-    held = len(gains) >= MIN_SEEDS and mean > 2 * se
     summary = (
-        f"Yes: above the training resolution RoPE-Mixed beats the 1-D table by {mean:+.3f} "
-        f"over {len(gains)} seeds, more than 2 standard errors."
-        if held
+        f"Yes: above the training resolution RoPE-Mixed beats the 1-D table by {p.gain:+.3f} "
+        f"over {p.n} seeds, more than 2 standard errors."
+        if p.held
         else f"Not shown: RoPE-Mixed minus the 1-D table above the training resolution is "
-        f"{mean:+.3f} over {len(gains)} seeds (2 standard errors: {2 * se:.3f})."
+        f"{p.gain:+.3f} over {p.n} seeds (2 standard errors: {2 * p.se:.3f})."
     )
-    return Claim(name, paper, measured, held, summary=summary)
+    return Claim(name, paper, measured, p.held, summary=summary)
 
 
 def judge(
