@@ -325,7 +325,7 @@ def test_reproduce_runs_resumes_and_writes_a_self_contained_report(tmp_path: Pat
     assert len(page.images) == 1 + 4  # the Table-8 chart and the 4 figures (no scaling run)
     claims = json.loads((out / "claims.json").read_text())
     verdicts = [c["verdict"] for c in claims]
-    assert verdicts[4:] == ["not run"] * 2  # no data-size or transfer study ran
+    assert verdicts[4:] == ["not run"] * 3  # no data-size, transfer or resolution study ran
     # one seed: the probe's gain over random init cannot count, so claims 1-2 wait for seeds
     assert verdicts[:2] == ["probe cannot tell"] * 2 and "n=1" in claims[0]["measured"]
     assert all(v in ("held", "did not hold") for v in verdicts[2:4])
