@@ -88,12 +88,16 @@ def test_rope_scores_depend_on_the_offset_only():
     assert not torch.allclose(rq[0] @ rk[8], rq[0] @ rk[9], atol=1e-3)
 
 
-@pytest.mark.parametrize("positions", ["extrapolate", "interpolate"])
-@pytest.mark.parametrize("name", ["vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_224"])
+@pytest.mark.parametrize(
+    "name,positions",
+    [
+        ("vit_small_patch16_rope_224", "extrapolate"),
+        ("vit_small_patch16_rope_224", "interpolate"),
+        ("vit_small_patch16_rope_mixed_224", "extrapolate"),  # timm's mixed: no ref shape
+    ],
+)
 def test_rope_at_another_resolution_is_timms(name, positions):
     """Extrapolate: timm's RoPE on the new grid; interpolate: EVA's ref_feat_shape."""
-    if positions == "interpolate" and "mixed" in name:
-        pytest.skip("timm's RotaryEmbeddingMixed has no ref_feat_shape")
     ref = _timm_rope_model(name)
     model = from_timm(ref).eval()
     model.resize(160, rope_positions=positions)
