@@ -20,6 +20,7 @@ from typing import Any
 from vitexp.analysis import resolution as res
 from vitexp.data.config import DataConfig
 from vitexp.errors import ConfigError
+from vitexp.models.rope import ROPE_POSITIONS
 
 
 @dataclass
@@ -54,9 +55,9 @@ def evaluate(c: EvaluateCommandConfig) -> dict[str, Any]:
         raise ConfigError("resolutions is not set; give test resolutions: resolutions=[24,32,48]")
     resolutions = res.sizes(c.resolutions, "resolutions")
     patch_sizes = None if c.patch_sizes is None else res.sizes(c.patch_sizes, "patch_sizes")
-    if c.rope_positions is not None and c.rope_positions not in res.ROPE_POSITIONS:
+    if c.rope_positions is not None and c.rope_positions not in ROPE_POSITIONS:
         raise ConfigError(
-            f"rope_positions={c.rope_positions!r}: choose {' or '.join(res.ROPE_POSITIONS)}"
+            f"rope_positions={c.rope_positions!r}: choose {' or '.join(ROPE_POSITIONS)}"
         )
     if c.weights not in ("averaged", "raw"):
         raise ConfigError(f"weights={c.weights!r}: choose averaged or raw")

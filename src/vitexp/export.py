@@ -144,11 +144,6 @@ def timm_target(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return f"vit_base_patch16_rope{'_mixed' if mixed else ''}{'_ape' if ape else ''}_224", args
 
 
-def timm_model_args(model: nn.Module) -> dict[str, Any]:
-    """timm arguments that compute what `model` computes (`timm_target`'s second half)."""
-    return timm_target(model)[1]
-
-
 # vitexp's names -> timm's inside a block, per timm class (VisionTransformer keeps ours)
 TIMM_BLOCK_NAMES = {
     "Eva": {"ls1.gamma": "gamma_1", "ls2.gamma": "gamma_2"},
@@ -165,16 +160,19 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     timm_class = _timm_class(model)
     renames = TIMM_BLOCK_NAMES.get(timm_class, {})
     state = model.state_dict()
+    # timm's Eva puts no table row on the class token (no_embed_class): for the `_ape` kinds
+    # that row, a constant, joins the class token itself
+    fold = timm_class == "Eva" and "encoder.pos_embeds.0.weight" in state and "cls_token" in state
+    prefix = model.num_prefix_tokens
     out = {}
     for key, value in state.items():
         if key == "encoder.pos_embeds.0.weight":
-            if timm_class == "Eva" and model.num_prefix_tokens:  # no_embed_class: the
-                # class token's row joins the class token
-                out["cls_token"] = state["cls_token"] + value[:, : model.num_prefix_tokens]
-                value = value[:, model.num_prefix_tokens :]
+            if fold:
+                out["cls_token"] = state["cls_token"] + value[:, :prefix]
+                value = value[:, prefix:]
             out["pos_embed"] = value
-        elif key == "cls_token" and "cls_token" in out:
-            continue
+        elif key == "cls_token" and fold:
+            continue  # written with the table's row, above
         elif key == "encoder.rope.freqs":
             out["rope.freqs"] = value
         elif key == "encoder.shared_rel_pos.table":

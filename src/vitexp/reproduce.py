@@ -399,7 +399,9 @@ def resolution_curves(out: Path, planned: list[Job], jobs: int, say) -> None:
     """`python -m vitexp.evaluate` on every finished real_resolution run, once, `jobs` at a
     time (as a user would score a checkpoint away from its training resolution); RoPE runs
     twice: positions extrapolated (resolutions.json) and interpolated."""
+    from vitexp.analysis.resolution import RESULTS as SCORES
     from vitexp.models.pos_embed import ROPE_KINDS
+    from vitexp.models.rope import ROPE_POSITIONS
 
     commands = []
     for job in planned:
@@ -407,8 +409,10 @@ def resolution_curves(out: Path, planned: list[Job], jobs: int, say) -> None:
         if job.study != "real_resolution" or not (run / RESULTS).is_file():
             continue
         kind = next(o.split("=")[1] for o in job.overrides if o.startswith("model.pos_embed.kind"))
-        for policy in ["extrapolate", "interpolate"] if kind in ROPE_KINDS else [None]:
-            name = "resolutions_interpolate.json" if policy == "interpolate" else "resolutions.json"
+        for policy in ROPE_POSITIONS if kind in ROPE_KINDS else [None]:
+            name = (
+                SCORES.replace(".json", "_interpolate.json") if policy == "interpolate" else SCORES
+            )
             if (run / name).is_file():
                 continue
             cmd = [sys.executable, "-m", "vitexp.evaluate", f"pretrained='{run}'"]

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 RESULTS = "resolutions.json"  # in a run directory, beside checkpoints/
-ROPE_POSITIONS = ("extrapolate", "interpolate")
 
 
 # --- what the run did ------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def resized(model: nn.Module, resolution: Any, patch_size: Any, rope: str | None
     copied = copy.deepcopy(model)
     try:
         copied.resize(resolution, **resize_kwargs(patch_size, rope))
-    except (ValueError, TypeError, NotImplementedError) as err:
+    except (ValueError, TypeError) as err:  # TypeError: a CNN given a patch size
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         patch = "" if patch_size is None else f" with patch_size={patch_size}"
         raise ConfigError(f"resolution {resolution}{patch}: {text}") from None

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from vitexp.models.bit import WS_EPS, BiTConfig, ResNetV2
-from vitexp.models.convert_eva import eva_config_from_timm
+from vitexp.models.convert_eva import eva_fields
 from vitexp.models.pos_embed import resample_grid, square_grid
 from vitexp.models.vit import VisionTransformer, ViTConfig
 
@@ -153,26 +154,41 @@ def config_from_timm(timm_model: nn.Module) -> ViTConfig:
     representation_size = None
     if pre_logits is not None and isinstance(getattr(pre_logits, "fc", None), nn.Linear):
         representation_size = pre_logits.fc.out_features
+    in_chans = embed.backbone.stem.conv.in_channels if hybrid else embed.proj.in_channels
     return ViTConfig(
-        name=(getattr(timm_model, "pretrained_cfg", None) or {}).get("architecture", "timm"),
-        img_size=tuple(embed.img_size),
-        patch_size=tuple(embed.patch_size),
+        **shared_fields(timm_model),
         patch_stride=tuple(embed.proj.stride),
-        in_chans=embed.backbone.stem.conv.in_channels if hybrid else embed.proj.in_channels,
+        in_chans=in_chans,
         stem="r50" if hybrid else "patch",
-        embed_dim=timm_model.embed_dim,
-        depth=len(timm_model.blocks),
-        num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / timm_model.embed_dim,
-        qkv_bias=block.attn.qkv.bias is not None,
-        pool="cls" if timm_model.global_pool == "token" else "gap",
-        class_token=timm_model.cls_token is not None,
-        fc_norm=not isinstance(timm_model.fc_norm, nn.Identity),
         representation_size=representation_size,
         pos_embed="learned_1d" if timm_model.pos_embed is not None else "none",
-        norm_eps=block.norm1.eps,
         layer_scale_init=_layer_scale_init(block),
     )
+
+
+def eva_config_from_timm(timm_model: nn.Module) -> ViTConfig:
+    """The ViTConfig that computes what a timm Eva RoPE ViT (RoPE-ViT's models) computes."""
+    return ViTConfig(**shared_fields(timm_model), **eva_fields(timm_model))
+
+
+def shared_fields(timm_model: nn.Module) -> dict[str, Any]:
+    """The ViTConfig fields that timm's VisionTransformer and Eva keep alike."""
+    block = timm_model.blocks[0]
+    embed = timm_model.patch_embed
+    return {
+        "name": (getattr(timm_model, "pretrained_cfg", None) or {}).get("architecture", "timm"),
+        "img_size": tuple(embed.img_size),
+        "patch_size": tuple(embed.patch_size),
+        "embed_dim": timm_model.embed_dim,
+        "depth": len(timm_model.blocks),
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / timm_model.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "pool": "cls" if timm_model.global_pool == "token" else "gap",
+        "class_token": timm_model.cls_token is not None,
+        "fc_norm": not isinstance(timm_model.fc_norm, nn.Identity),
+        "norm_eps": block.norm1.eps,
+    }
 
 
 def _layer_scale_init(block: nn.Module) -> float | None:

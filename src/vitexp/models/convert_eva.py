@@ -1,14 +1,14 @@
 """What a timm `Eva` RoPE ViT is in vitexp's terms: RoPE-ViT's models
 (`vit_{small,base,large}_patch16_rope{,_mixed}{,_ape}_224`) are plain pre-norm ViTs with
 LayerScale, a class token and 2-D rotary embeddings (plus, for `_ape`, a learned table on
-the patches). `convert.from_timm` loads their weights with these settings.
+the patches). `convert.from_timm` loads their weights with these fields.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
-from vitexp.models.vit import ViTConfig
+from torch import nn
 
 ROPE_CLASSES = {"RotaryEmbeddingCat": "rope_axial", "RotaryEmbeddingMixed": "rope_mixed"}
 
@@ -59,9 +59,10 @@ def _block_problems(block: nn.Module) -> list[str]:
     return problems
 
 
-def eva_config_from_timm(timm_model: nn.Module) -> ViTConfig:
-    """The ViTConfig that computes what a timm Eva RoPE ViT computes; a feature vitexp does
-    not have raises ValueError naming it."""
+def eva_fields(timm_model: nn.Module) -> dict[str, Any]:
+    """The ViTConfig fields in which a timm Eva RoPE ViT differs from a plain timm ViT (the
+    rest: `convert.shared_fields`); a feature vitexp does not have raises ValueError naming
+    it."""
     rope = getattr(timm_model, "rope", None)
     problems = ["no rotary embedding"] if rope is None else _rope_problems(rope)
     problems += _block_problems(timm_model.blocks[0])
@@ -82,24 +83,11 @@ def eva_config_from_timm(timm_model: nn.Module) -> ViTConfig:
         )
     block = timm_model.blocks[0]
     kind = ROPE_CLASSES[type(rope).__name__]
-    embed = timm_model.patch_embed
-    return ViTConfig(
-        name=(getattr(timm_model, "pretrained_cfg", None) or {}).get("architecture", "timm"),
-        img_size=tuple(embed.img_size),
-        patch_size=tuple(embed.patch_size),
-        in_chans=embed.proj.in_channels,
-        embed_dim=timm_model.embed_dim,
-        depth=len(timm_model.blocks),
-        num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / timm_model.embed_dim,
-        qkv_bias=block.attn.qkv.bias is not None,
-        pool="cls" if timm_model.global_pool == "token" else "gap",
-        class_token=timm_model.cls_token is not None,
-        fc_norm=not isinstance(timm_model.fc_norm, nn.Identity),
-        pos_embed={
+    return {
+        "in_chans": timm_model.patch_embed.proj.in_channels,
+        "pos_embed": {
             "kind": kind + ("_ape" if timm_model.pos_embed is not None else ""),
             "rope_theta": float(rope.temperature),
         },
-        layer_scale_init=block.init_values if block.gamma_1 is not None else None,
-        norm_eps=block.norm1.eps,
-    )
+        "layer_scale_init": block.init_values if block.gamma_1 is not None else None,
+    }

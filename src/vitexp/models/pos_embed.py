@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitexp.models.patch_embed import Size2d
+from vitexp.models.rope import check_positions
 
 ROPE_KINDS = ("rope_axial", "rope_mixed", "rope_axial_ape", "rope_mixed_ape")
 MODERN_KINDS = (*ROPE_KINDS, "relative_2d", "conditional")
@@ -106,11 +107,7 @@ class PosEmbedSpec:
             raise ValueError(f"pos_embed.rope_theta={self.rope_theta!r} must be > 0")
         if self.rope_theta is not None and self.kind not in ROPE_KINDS:
             raise ValueError(f"pos_embed.rope_theta applies to {', '.join(ROPE_KINDS)} only")
-        if self.rope_positions not in ("extrapolate", "interpolate"):
-            raise ValueError(
-                f"pos_embed.rope_positions={self.rope_positions!r} is not one of extrapolate, "
-                "interpolate"
-            )
+        check_positions(self.rope_positions)
         if self.shared and self.kind != "relative_2d":
             raise ValueError("pos_embed.shared=true applies to kind=relative_2d only")
         if self.interpolation not in INTERPOLATIONS:

@@ -33,6 +33,15 @@ from vitexp.models.patch_embed import Size2d
 ROPE_POSITIONS = ("extrapolate", "interpolate")
 
 
+def check_positions(positions: str) -> str:
+    """`pos_embed.rope_positions` is one of ROPE_POSITIONS, else a ValueError naming it."""
+    if positions not in ROPE_POSITIONS:
+        raise ValueError(
+            f"pos_embed.rope_positions={positions!r} is not one of {', '.join(ROPE_POSITIONS)}"
+        )
+    return positions
+
+
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]: each pair turned by 90 degrees."""
     return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
@@ -53,12 +62,8 @@ class Rotary2D(nn.Module, ABC):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
-        if positions not in ROPE_POSITIONS:
-            raise ValueError(
-                f"pos_embed.rope_positions={positions!r} is not one of {', '.join(ROPE_POSITIONS)}"
-            )
         self.head_dim = head_dim
-        self.positions = positions
+        self.positions = check_positions(positions)
         self.train_grid = tuple(grid_size)  # the grid the positions were learned on
         self.grid_size = tuple(grid_size)
 
@@ -76,9 +81,7 @@ class Rotary2D(nn.Module, ABC):
     def resize(self, grid_size: Size2d, positions: str | None = None) -> None:
         """Follow a new patch grid; the frequencies do not change."""
         if positions is not None:
-            if positions not in ROPE_POSITIONS:
-                raise ValueError(f"rope_positions={positions!r} is not one of {ROPE_POSITIONS}")
-            self.positions = positions
+            self.positions = check_positions(positions)
         self.grid_size = tuple(grid_size)
 
     @abstractmethod
