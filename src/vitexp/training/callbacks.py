@@ -3,11 +3,12 @@ when the cluster signals a preemption (then the job is requeued).
 
 Preemption, who does what (one owner each, so that nothing is requeued twice):
 
-- Lightning notices SIGTERM and stops at the end of the current training batch
-  (`SIGTERMException`); vitexp's `PreemptionCheckpoint` turns SIGUSR1 / SIGUSR2 (the
-  signals SLURM sends ahead of a time limit or preemption: `--signal=USR1@120`, submitit's
-  USR2) into that same stop, and saves `checkpoints/last.ckpt` there: the state of a whole
-  batch, so the resumed run continues exactly.
+- Lightning notices SIGTERM and stops at the end of the current training batch, or of the
+  validation under way (`SIGTERMException`); vitexp's `PreemptionCheckpoint` turns SIGUSR1
+  / SIGUSR2 (the signals SLURM sends ahead of a time limit or preemption:
+  `--signal=USR1@120`, submitit's USR2) into that same stop, and saves
+  `checkpoints/last.ckpt` there: the state of a whole batch, so the resumed run continues
+  exactly.
 - Requeueing belongs to submitit when the job came through `hydra/launcher=slurm` (its
   USR2 handler is called after the save: it requeues and exits); under plain `sbatch`,
   vitexp runs `scontrol requeue` itself. Lightning's own SLURM auto-requeue (which saves in
@@ -89,12 +90,18 @@ class LastCheckpoint(Checkpoint):
 STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # vitexp's exits on Ctrl-C, SIGTERM
 
 
-class PreemptionCheckpoint(L.Callback):
+class PreemptionCheckpoint(Checkpoint):
     """Save last.ckpt when a signal stops the run; then hand a preemption signal on.
 
     The save happens at the first of Lightning's own checkpoint points after the signal (end
     of the training batch, of the epoch, of a validation), whose state Lightning restores
     exactly; the exception handler saves only if the run stopped before reaching one.
+    A `Checkpoint`, so that Lightning runs its hooks after every other callback's: the save
+    at a batch end then holds that batch's update of the weight average (saved before it,
+    the resumed run's average missed one step).
+    A signal during a validation stops at its end: stopped in the middle (Lightning's
+    default), the checkpoint held the averaged weights swapped in for validation as the
+    trained ones, and the resumed run scored a part of the validation set.
     Until a training batch has finished there is nothing to save: SIGTERM and Ctrl-C stop at
     once (Lightning would run on through the sanity check, a first torch.compile and step).
     """
@@ -108,6 +115,8 @@ class PreemptionCheckpoint(L.Callback):
         self.pending = False  # several ranks: a stop this rank saw, not yet agreed on
         self._ranks = 1
         self._rank_zero = True
+        self._validating: L.Trainer | None = None  # set during a validation of the fit
+        self._deferred = False  # a stop seen during that validation, for its end
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -124,6 +133,9 @@ class PreemptionCheckpoint(L.Callback):
         by_lightning = signal.getsignal(signal.SIGTERM) != self._on_term
         if not (by_lightning and (self.batches or self.received in PREEMPTION_SIGNALS)):
             raise Terminated
+        if self._validating is not None:  # Lightning would stop after this validation batch
+            self._validating._signal_connector.received_sigterm = False
+            self._deferred = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -160,7 +172,8 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
 
     def _on_signal(self, signum: int, frame) -> None:
-        log.warning("received %s: stopping after this batch", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        log.warning("received %s: stopping after this batch (or validation)", name)
         self.received = signum
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's graceful stop at a batch boundary
 
@@ -173,7 +186,8 @@ class PreemptionCheckpoint(L.Callback):
         if self.received is None:
             if self._rank_zero:
                 print(
-                    "\nCtrl-C: stopping after this batch and saving checkpoints/last.ckpt "
+                    "\nCtrl-C: stopping after this batch (or validation) and saving "
+                    "checkpoints/last.ckpt "
                     "(Ctrl-C again to stop at once, without saving)",
                     file=sys.stderr,
                     flush=True,
@@ -206,7 +220,15 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_if_stopping(trainer)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validating = trainer
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = None
+        if self._deferred:  # Lightning stops after this validation
+            trainer._signal_connector.received_sigterm = True
+            self._deferred = False
         if trainer.state.fn == "fit":
             self._save_if_stopping(trainer)
 
