@@ -187,8 +187,7 @@ class PreemptionCheckpoint(Checkpoint):
             if self._rank_zero:
                 print(
                     "\nCtrl-C: stopping after this batch (or validation) and saving "
-                    "checkpoints/last.ckpt "
-                    "(Ctrl-C again to stop at once, without saving)",
+                    "checkpoints/last.ckpt (Ctrl-C again to stop at once, without saving)",
                     file=sys.stderr,
                     flush=True,
                 )
